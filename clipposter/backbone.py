@@ -110,8 +110,11 @@ class Backbone:
     """
 
     def __init__(self, model, preprocess, tokenizer, identity: BackboneIdentity, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", spec: dict | None = None):
         self.model = model.eval().requires_grad_(False)
+        # How to load this backbone again (model name and pretrained tag or path), kept beside caches
+        # and heads so that `predict` can encode posters outside the cache.
+        self.spec = spec or {"model": identity.model, "pretrained": None}
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
@@ -247,7 +250,25 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
     model.eval()  # open_clip returns the model in train mode
     identity = BackboneIdentity(model=model_name, weights=weights, embed_dim=_embed_dim(model),
                                 **_preprocess_identity(model, preprocess))
-    return Backbone(model, preprocess, tokenizer, identity, dev, precision)
+    spec = {"model": model_name, "pretrained": str(Path(tag).resolve()) if tag and os.path.isfile(tag) else tag}
+    return Backbone(model, preprocess, tokenizer, identity, dev, precision, spec=spec)
+
+
+def load_backbone_like(identity: BackboneIdentity, spec: dict | None, pretrained: str | None = None,
+                       device: str = "auto") -> Backbone:
+    """Load the backbone a cache or head was made with, from its recorded spec (or `pretrained`,
+    when the checkpoint has moved), and check that it really is the same one."""
+    spec = dict(spec or {})
+    model = spec.get("model", identity.model)
+    weights = pretrained if pretrained is not None else spec.get("pretrained")
+    if weights is None and identity.weights.startswith("sha256:"):
+        raise ClipposterError(f"backbone {identity.describe()} came from a local checkpoint whose path is not "
+                              f"recorded; pass --pretrained /path/to/that/checkpoint")
+    if weights and not os.path.exists(weights) and identity.weights.startswith("sha256:"):
+        raise ClipposterError(f"the backbone checkpoint {weights} is gone; pass --pretrained with its new path")
+    backbone = load_backbone(model, weights, device=device)
+    backbone.identity.check_same(identity, "the head or cache")
+    return backbone
 
 
 def save_tiny_backbone(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -129,8 +129,9 @@ class EmbeddingCache:
     to read a cache whose backbone is recorded in it.
     """
 
-    def __init__(self, root: Path, identity: BackboneIdentity, dtype: str):
+    def __init__(self, root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None = None):
         self.root = root
+        self.backbone_spec = backbone_spec  # how to load the backbone again (see Backbone.spec)
         self.identity = identity
         self.dtype = dtype
         self.dim = identity.embed_dim
@@ -147,7 +148,7 @@ class EmbeddingCache:
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | os.PathLike, identity: BackboneIdentity | None = None,
-             dtype: str = "float16") -> "EmbeddingCache":
+             dtype: str = "float16", backbone_spec: dict | None = None) -> "EmbeddingCache":
         root = Path(root)
         meta_path = root / "cache.json"
         if dtype not in DTYPES:
@@ -164,16 +165,17 @@ class EmbeddingCache:
                                       f"{FORMAT_VERSION}; re-embed into a new --cache directory")
             if identity is not None:
                 identity.check_same(stored, f"the cache {root}")
-            return cls(root, stored, meta["dtype"])
+            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"))
         if identity is None:
             raise ClipposterError(f"{root}: no clipposter cache here (no cache.json); "
                                   f"create one with `clipposter embed SOURCE --cache {root}`")
         root.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype}
+        meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
+                "backbone_spec": backbone_spec}
         tmp = meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)
-        return cls(root, identity, dtype)
+        return cls(root, identity, dtype, backbone_spec)
 
     def close(self) -> None:
         self._db.close()

@@ -56,7 +56,7 @@ def run_demo(out: str | Path, n: int = 300, source: str | None = None, progress:
     if notice:
         print(f"note: {notice}", file=sys.stderr)
     cache_dir = out / f"cache-{backbone.identity.key}"
-    with EmbeddingCache.open(cache_dir, backbone.identity) as cache:
+    with EmbeddingCache.open(cache_dir, backbone.identity, backbone_spec=backbone.spec) as cache:
         summary = embed_records(records, cache, backbone, progress=progress)
         texts = embed_texts(cache, backbone, [r.tagline for r in records] + [r.overview for r in records])
         info = cache.info()
