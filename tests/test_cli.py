@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clipposter.cli import build_parser, main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(ckpt):
+    return ["--backbone", "clipposter-tiny", "--pretrained", str(ckpt)]
+
+
+def test_embed_then_cache_info_json(tmp_path, capsys, tiny_checkpoint, synthetic_set):
+    src, records = synthetic_set
+    code, out, _ = run_cli(capsys, "embed", src / "manifest.csv", "--cache", tmp_path / "c",
+                           *tiny_args(tiny_checkpoint), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["summary"]["encoded"] == len(records) and payload["summary"]["skipped"] == 0
+    assert payload["reference_texts"] > 0
+    code, out, _ = run_cli(capsys, "cache", "info", tmp_path / "c", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["posters"] == len(records) and info["dtype"] == "float16"
+    assert info["backbone"]["model"] == "clipposter-tiny" and info["dim"] == 64
+    assert sum(info["splits"].values()) == len(records) and info["bytes_on_disk"] > 0
+    code, out, _ = run_cli(capsys, "cache", "info", tmp_path / "c")
+    assert "clipposter-tiny" in out and f"{len(records)} distinct images" in out
+
+
+def test_folder_source_and_float32(tmp_path, capsys, tiny_checkpoint, synthetic_set):
+    src, records = synthetic_set
+    code, out, _ = run_cli(capsys, "embed", src / "posters", "--cache", tmp_path / "c", "--dtype", "float32",
+                           *tiny_args(tiny_checkpoint), "--json")
+    assert code == 0 and json.loads(out)["cache"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["embed", "/no/such/folder", "--cache", "X"], "/no/such/folder"),
+    (["cache", "info", "/no/such/cache"], "no clipposter cache here"),
+])
+def test_expected_failures_are_one_line_and_nonzero(tmp_path, capsys, argv, needle):
+    argv = [a.replace("X", str(tmp_path / "c")) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_wrong_backbone_for_existing_cache(tmp_path, capsys, tiny_checkpoint, synthetic_set):
+    src, _ = synthetic_set
+    assert run_cli(capsys, "embed", src / "manifest.csv", "--cache", tmp_path / "c",
+                   *tiny_args(tiny_checkpoint))[0] == 0
+    code, _, err = run_cli(capsys, "embed", src / "manifest.csv", "--cache", tmp_path / "c",
+                           "--backbone", "clipposter-tiny", "--pretrained", "random")
+    assert code == 2 and "was made with backbone" in err
+
+
+def test_strict_flag_fails_on_a_bad_poster(tmp_path, capsys, tiny_checkpoint, synthetic_set):
+    _, records = synthetic_set
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(open(records[0].image, "rb").read())
+    (folder / "bad.jpg").write_bytes(b"")
+    code, out, err = run_cli(capsys, "embed", folder, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint),
+                             "--json")
+    assert code == 0 and json.loads(out)["summary"]["skipped"] == 1
+    code, _, err = run_cli(capsys, "embed", folder, "--cache", tmp_path / "c2", *tiny_args(tiny_checkpoint),
+                           "--strict")
+    assert code == 2 and "bad.jpg" in err and "--strict" in err
+
+
+def test_every_command_has_help_and_json():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        nested = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        leaves = list(nested[0].choices.values()) if nested else [p]
+        for leaf in leaves:
+            assert leaf.format_help()
+            assert any("--json" in a.option_strings for a in leaf._actions), f"{leaf.prog} lacks --json"
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "clipposter.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "embed" in proc.stdout
