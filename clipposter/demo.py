@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .backbone import TINY_MODEL, Backbone, load_backbone
 from .cache import EmbeddingCache
-from .embed import embed_records, embed_texts
+from .embed import embed_records, embed_texts, reference_and_prompt_texts
 from .errors import ClipposterError
 
 REAL_BACKBONE = ("ViT-B-32", "openai")
@@ -58,13 +58,11 @@ def run_demo(out: str | Path, n: int = 300, source: str | None = None, progress:
     cache_dir = out / f"cache-{backbone.identity.key}"
     with EmbeddingCache.open(cache_dir, backbone.identity, backbone_spec=backbone.spec) as cache:
         summary = embed_records(records, cache, backbone, progress=progress)
-        texts = embed_texts(cache, backbone, [r.tagline for r in records] + [r.overview for r in records])
+        texts = embed_texts(cache, backbone, reference_and_prompt_texts(records))
         info = cache.info()
     lines = [f"posters: {summary.encoded} encoded, {summary.cached} cached, {summary.skipped} skipped "
              f"({summary.posters_per_second:.1f} posters/s)",
              f"reference texts cached: {texts}",
              f"cache: {info.path} ({info.posters} posters, backbone {backbone.identity.describe()})",
              f"next: clipposter cache info {info.path}"]
-    if notice:
-        lines.insert(0, f"note: {notice}")
     return {"notice": notice, "summary": summary.to_dict(), "cache": info.to_dict(), "text": "\n".join(lines)}

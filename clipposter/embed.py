@@ -166,3 +166,11 @@ def embed_texts(cache: EmbeddingCache, backbone: Backbone, texts: Iterable[str |
     if uniq:
         cache.text_embeddings(uniq, backbone=backbone)
     return len(uniq)
+
+
+def reference_and_prompt_texts(records: Sequence[PosterRecord]) -> list[str | None]:
+    """The texts every head will ask for: taglines, overviews, and the prompts of every genre seen."""
+    from .prompts import prompt_texts
+
+    genres = sorted({g for r in records for g in r.genres})
+    return [r.tagline for r in records] + [r.overview for r in records] + prompt_texts(genres)
