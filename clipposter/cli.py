@@ -58,12 +58,15 @@ def _backbone_from_args(args):
 
 
 def _load_records(args):
-    from .sources import load_source
+    from .sources import SourceStats, load_source
 
     options = {k: v for k, v in vars(args).items() if k.endswith("_col") and v is not None}
     if args.image_root:
         options["image_root"] = args.image_root
-    records = load_source(args.source, seed=args.seed, **options)
+    stats = SourceStats()
+    records = load_source(args.source, seed=args.seed, stats=stats, **options)
+    if stats.rows_skipped:
+        print(f"warning: {args.source}: {stats.summary()}", file=sys.stderr)
     if args.download_dir:
         from .download import download_posters
 
@@ -78,23 +81,23 @@ def _load_records(args):
 
 def cmd_embed(args) -> int:
     from .cache import EmbeddingCache
-    from .embed import embed_records, embed_texts
+    from .embed import embed_records, embed_texts, reference_and_prompt_texts
 
     records = _load_records(args)
     if not records:
         raise ClipposterError(f"{args.source}: no posters found; check the path and the manifest columns")
     backbone = _backbone_from_args(args)
-    cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype)
+    cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
     summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
                             strict=args.strict, max_pixels=args.max_pixels, progress=not args.json)
     texts = 0
     if not args.no_texts:
-        texts = embed_texts(cache, backbone, [r.tagline for r in records] + [r.overview for r in records])
+        texts = embed_texts(cache, backbone, reference_and_prompt_texts(records))
     info = cache.info()
-    payload = {"summary": summary.to_dict(), "reference_texts": texts, "cache": info.to_dict()}
+    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict()}
     lines = [f"{summary.records} posters: {summary.encoded} encoded, {summary.cached} already cached, "
              f"{summary.skipped} skipped ({summary.posters_per_second:.1f} posters/s)",
-             f"{texts} distinct reference texts cached",
+             f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
              f"cache {info.path}: {info.posters} posters, {info.records} records, {info.texts} texts"]
     _emit(args, payload, "\n".join(lines))
     if summary.skipped and summary.skipped == summary.records:
@@ -163,8 +166,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _head_commands():
+    """Registration functions of the heads' command modules (imported lazily: no torch at parse time)."""
+    from . import commands_captions, commands_genres
+
+    return [commands_genres.register, commands_captions.register]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipposter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="clipposter", description="Movie-poster analysis on frozen CLIP embeddings: "
+                                     "genres, taglines and similarity search from one embedding cache.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -180,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding type")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per poster")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable poster")
-    p.add_argument("--no-texts", action="store_true", help="do not cache tagline/overview embeddings")
+    p.add_argument("--no-texts", action="store_true",
+                   help="do not cache text embeddings (taglines, overviews, genre prompts)")
     _json_flag(p)
     p.set_defaults(func=cmd_embed)
 
@@ -206,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=3)
     _json_flag(p)
     p.set_defaults(func=cmd_download)
+
+    # Heads add their own subcommands: `train <head>`, `evaluate <head>`, and top-level ones such as `predict`.
+    train = sub.add_parser("train", help="train a head on an embedding cache").add_subparsers(
+        dest="head", required=True)
+    evaluate = sub.add_parser("evaluate", help="evaluate a head on a cache split").add_subparsers(
+        dest="head", required=True)
+    for register in _head_commands():
+        register(sub, train, evaluate)
 
     p = sub.add_parser("demo", help="the main job end to end on synthetic posters (or --source)")
     p.add_argument("--out", default="runs/demo", help="output folder")

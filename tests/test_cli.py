@@ -24,7 +24,15 @@ def test_embed_then_cache_info_json(tmp_path, capsys, tiny_checkpoint, synthetic
     assert code == 0
     payload = json.loads(out)
     assert payload["summary"]["encoded"] == len(records) and payload["summary"]["skipped"] == 0
-    assert payload["reference_texts"] > 0
+    assert payload["texts"] > 0
+    # Reference texts and genre prompts are cached: reading them needs no backbone.
+    from clipposter.cache import EmbeddingCache
+    from clipposter.prompts import genre_query_embeddings
+
+    with EmbeddingCache.open(tmp_path / "c") as cache:
+        genres = sorted({g for r in records for g in r.genres})
+        assert genre_query_embeddings(cache, genres).shape == (len(genres), 64)
+        assert cache.text_embeddings([records[0].tagline, records[0].overview]).shape == (2, 64)
     code, out, _ = run_cli(capsys, "cache", "info", tmp_path / "c", "--json")
     info = json.loads(out)
     assert code == 0 and info["posters"] == len(records) and info["dtype"] == "float16"

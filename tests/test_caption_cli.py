@@ -1,0 +1,155 @@
+"""`clipposter train captions`, `caption` and `evaluate captions`, run in-process through cli.main."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+import lm_fixtures
+from clipposter.cache import EmbeddingCache
+from clipposter.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with lm_fixtures.single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny_backbone):
+    return lm_fixtures.caption_cache(tmp_path_factory, tiny_backbone)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return lm_fixtures.tiny_lm(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory, tiny_backbone):
+    return lm_fixtures.trained_head(tmp_path_factory, tiny_backbone)[0]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_train_resume_and_refuse_overwrite(capsys, cache_dir, lm_dir, tmp_path):
+    out = tmp_path / "head"
+    common = ["train", "captions", "--cache", cache_dir, "--out", out, "--lm", lm_dir, "--prefix-length", 4,
+              "--max-tokens", 16, "--lr", 3e-3, "--batch-size", 32, "--device", "cpu"]
+    code, stdout, _ = run(capsys, *common, "--epochs", 1, "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["epochs"] == 1 and summary["train_examples"] > 300 and summary["target"] == "tagline"
+    assert summary["skipped"] == {"train": 0, "validation": 0}
+    for name in ("config.json", "mapper.safetensors", "lm/config.json", "lm/tokenizer.json",
+                 "checkpoints/latest.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "caption" and config["backbone_spec"]["pretrained"]
+
+    code, _, err = run(capsys, *common, "--epochs", 2)
+    assert code == 2 and "--resume" in error_line(err)
+    code, stdout, _ = run(capsys, *common, "--epochs", 2, "--resume")
+    assert code == 0 and "resumed after epoch 1" in stdout and "epoch 2: train loss" in stdout
+
+
+def test_train_overview_target(capsys, cache_dir, lm_dir, tmp_path):
+    code, stdout, _ = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "plots",
+                          "--lm", lm_dir, "--target", "overview", "--max-tokens", 8, "--prefix-length", 2,
+                          "--epochs", 1, "--batch-size", 64, "--mode", "prefix", "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["target"] == "overview" and summary["mode"] == "prefix"
+    assert summary["truncated"]["train"] > 0  # overviews are longer than 8 tokens
+
+
+def test_caption_posters_from_the_cache_and_encoded_on_the_fly(capsys, cache_dir, head_dir, tmp_path):
+    with EmbeddingCache.open(cache_dir) as cache:
+        record = cache.records("test")[0]
+    # A poster the cache has never seen: the same picture saved again as PNG (new bytes, new hash).
+    fresh = tmp_path / "new-poster.png"
+    Image.open(record.image).save(fresh)
+    code, stdout, _ = run(capsys, "caption", record.image, fresh, record.id, "--head", head_dir, "--cache",
+                          cache_dir, "--strategy", "beam", "--num-return", 2, "--max-new-tokens", 12, "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert [r["source"] for r in result["results"]] == ["cache", "encoded", "cache"]
+    assert all(len(r["captions"]) == 2 for r in result["results"])
+    assert result["decoding"]["num_beams"] == 4 and result["decoding"]["max_new_tokens"] == 12
+    # Without a cache every poster is encoded with the backbone recorded in the head.
+    code, stdout, _ = run(capsys, "caption", fresh, "--head", head_dir, "--strategy", "greedy")
+    assert code == 0 and stdout.startswith(f"{fresh}: ") and len(stdout.strip().splitlines()) == 1
+
+
+def test_evaluate_captions_report(capsys, cache_dir, head_dir, tmp_path):
+    report_file = tmp_path / "report.json"
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir, "--split",
+                          "validation", "--limit", 30, "--samples", 4, "--report", report_file)
+    assert code == 0
+    for needle in ("cosine", "margin", "retr@10", "chance (random train)", "constant (best train)", "constant text",
+                   "strategy lstm", "reference"):
+        assert needle in stdout
+    report = json.loads(report_file.read_text())
+    assert report["posters"] == 30 and len(report["samples"]) == 4 and report["split"] == "validation"
+    assert set(report["scores"]["systems"]) == {"generated", "chance", "constant"}
+    for metrics in report["scores"]["systems"].values():
+        assert set(metrics) == {"cosine", "margin", "retrieval", "bleu", "distinct_1", "distinct_2",
+                                "identical_share"}
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir, "--limit", 5,
+                          "--strategy", "poster2plot", "--json")
+    assert code == 0 and json.loads(stdout)["decoding"]["no_repeat_ngram_size"] == 3
+
+
+def test_errors_are_one_line(capsys, cache_dir, head_dir, lm_dir, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "caption", tmp_path / "missing.jpg", "--head", head_dir)
+    assert code == 2 and "not an image file" in error_line(err)
+    code, _, err = run(capsys, "caption", tmp_path / "x.jpg", "--head", tmp_path)
+    assert code == 2 and "not a caption head" in error_line(err)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code, _, err = run(capsys, "caption", broken, "--head", head_dir)
+    assert code == 2 and "broken.jpg" in error_line(err)
+
+    # A head whose recorded backbone differs from the cache's is refused, naming both.
+    other = tmp_path / "other-head"
+    shutil.copytree(head_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((other / "config.json").read_text())
+    config["backbone"]["weights"] = "sha256:0000"
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", other, "--limit", 3)
+    assert code == 2 and "was made with backbone" in error_line(err)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "h", "--lm", "gpt2")
+    line = error_line(err)
+    assert code == 2 and "cannot load language model 'gpt2' offline" in line and "--lm" in line
+    code, _, err = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir,
+                       "--sentence-model", tmp_path / "no-model")
+    assert code == 2 and "cannot load sentence model" in error_line(err)
+    code, _, err = run(capsys, "caption", "x", "--head", head_dir, "--strategy", "greedy", "--num-return", 2)
+    assert code == 2 and "greedy decoding gives one candidate" in error_line(err)
+    code, _, err = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "h2", "--lm", lm_dir,
+                       "--epochs", 0)
+    assert code == 2 and "--epochs must be at least 1" in error_line(err)
+
+
+def test_cli_strategy_list_matches_the_decoder():
+    from clipposter import commands_captions
+    from clipposter.heads import decoding
+
+    assert commands_captions.STRATEGY_CHOICES == decoding.STRATEGIES
+    assert commands_captions.DEFAULT_STRATEGY == decoding.DEFAULT_STRATEGY
