@@ -168,9 +168,9 @@ def cmd_demo(args) -> int:
 
 def _head_commands():
     """Registration functions of the heads' command modules (imported lazily: no torch at parse time)."""
-    from . import commands_captions, commands_genres
+    from . import commands_captions, commands_genres, commands_search
 
-    return [commands_genres.register, commands_captions.register]
+    return [commands_genres.register, commands_captions.register, commands_search.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
