@@ -9,6 +9,7 @@ a run killed midway keeps what it finished and the rerun picks up the rest.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,45 @@ def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS) -> Cal
     return load
 
 
+def default_workers(backbone: Backbone) -> int:
+    """Decode threads for a backbone's device. On a GPU, decoding is the bottleneck and threads
+    overlap it with the model. On a CPU the model already keeps every core busy, so decode threads
+    only preempt its OpenMP threads (which then wait on each other at every barrier): measured on
+    2 cores, decoding inline between batches is faster (scripts/bench/embed.py)."""
+    if backbone.device.type == "cpu":
+        return 0
+    return min(8, os.cpu_count() or 1)
+
+
+def _decoded(todo: Sequence[tuple[str, str]], load: Callable, workers: int, batch_size: int):
+    """(hash, path, tensor or PosterError) in order; with workers > 0, decoded ahead in threads."""
+    def attempt(path: str):
+        try:
+            return load(path)
+        except PosterError as exc:
+            return exc
+
+    if workers <= 0:
+        for h, path in todo:
+            yield h, path, attempt(path)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window: deque = deque()
+        items = iter(todo)
+        # Keep about two batches of decode work queued so the model never waits on a cold pipe.
+        ahead = max(2 * batch_size, 4 * workers)
+        for h, path in items:
+            window.append((h, path, pool.submit(attempt, path)))
+            if len(window) >= ahead:
+                break
+        while window:
+            h, path, fut = window.popleft()
+            nxt = next(items, None)
+            if nxt is not None:
+                window.append((nxt[0], nxt[1], pool.submit(attempt, nxt[1])))
+            yield h, path, fut.result()
+
+
 def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
     if strict:
         raise ClipposterError(f"{reason} (stopped by --strict)")
@@ -79,13 +119,13 @@ def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
 
 
 def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: Backbone, *,
-                  batch_size: int = 64, workers: int = 2, strict: bool = False,
+                  batch_size: int = 64, workers: int | None = None, strict: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> EmbedSummary:
     """Encode the posters of `records` that the cache lacks and store every usable record."""
     cache.identity.check_same(backbone.identity, f"the cache {cache.root}")
     if batch_size < 1:
         raise ClipposterError(f"--batch-size must be at least 1, got {batch_size}")
-    workers = max(1, workers)
+    workers = default_workers(backbone) if workers is None else max(0, workers)
     started = time.perf_counter()
     summary = EmbedSummary(records=len(records))
 
@@ -95,7 +135,7 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         raise ClipposterError(f"poster id {dup!r} appears more than once in the source; ids must be unique")
 
     # Pass 1: content hashes.
-    with ThreadPoolExecutor(max_workers=max(2, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(2, workers)) as pool:  # file reads and hashing: I/O-bound
         hashed = list(tqdm(pool.map(_hash_file, records), total=len(records), desc="hashing", unit="poster",
                            disable=not progress, leave=False))
     usable: list[tuple[PosterRecord, str]] = []
@@ -128,33 +168,19 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         summary.encoded += len(batch)
         bar.update(len(batch))  # the bar's rate is posters/s
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        window: deque = deque()
-        items = iter(todo)
-        # Keep about two batches of decode work queued so the model never waits on a cold pipe.
-        ahead = max(2 * batch_size, 4 * workers)
-        for h, path in items:
-            window.append((h, path, pool.submit(load, path)))
-            if len(window) >= ahead:
-                break
-        batch: list[tuple[str, torch.Tensor]] = []
-        while window:
-            h, path, fut = window.popleft()
-            nxt = next(items, None)
-            if nxt is not None:
-                window.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
-            try:
-                batch.append((h, fut.result()))
-            except PosterError as exc:
-                for _ in pending[h]:
-                    _skip(summary, path, str(exc), strict)
-                summary.cached -= len(pending[h]) - 1
-                continue
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
+    batch: list[tuple[str, torch.Tensor]] = []
+    for h, path, result in _decoded(todo, load, workers, batch_size):
+        if isinstance(result, PosterError):
+            for _ in pending[h]:
+                _skip(summary, path, str(result), strict)
+            summary.cached -= len(pending[h]) - 1
+            continue
+        batch.append((h, result))
+        if len(batch) == batch_size:
             flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
     bar.close()
     summary.seconds = time.perf_counter() - started
     return summary
