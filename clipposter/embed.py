@@ -72,12 +72,12 @@ def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS) -> Cal
 
 
 def default_workers(backbone: Backbone) -> int:
-    """Decode threads for a backbone's device. On a GPU, decoding is the bottleneck and threads
-    overlap it with the model. On a CPU the model already keeps every core busy, so decode threads
-    only preempt its OpenMP threads (which then wait on each other at every barrier): measured on
-    2 cores, decoding inline between batches is faster (scripts/bench/embed.py)."""
+    """Decode threads that run ahead of the model. Two on a CPU: with the machine to itself the
+    overlap keeps the embed path at the model's own speed (scripts/bench/embed.py); on a CPU that
+    other jobs share, `--workers 0` (decode inline between batches) can be faster, since decode
+    threads then preempt the model's OpenMP threads. More on a GPU, where decoding is the bottleneck."""
     if backbone.device.type == "cpu":
-        return 0
+        return 2
     return min(8, os.cpu_count() or 1)
 
 
