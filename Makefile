@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET)
-	$(BIN)/python -m pip install -q -e '.[test,metrics]' 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -e '.[test,metrics,scale]' 2>&1 | $(QUIET)
 	$(BIN)/python -c "import clipposter, torch, torchvision, open_clip"
 	touch $@
 
