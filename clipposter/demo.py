@@ -62,7 +62,7 @@ def run_demo(out: str | Path, n: int = 300, source: str | None = None, progress:
         info = cache.info()
     lines = [f"posters: {summary.encoded} encoded, {summary.cached} cached, {summary.skipped} skipped "
              f"({summary.posters_per_second:.1f} posters/s)",
-             f"reference texts cached: {texts}",
+             f"texts cached (taglines, overviews, genre prompts): {texts}",
              f"cache: {info.path} ({info.posters} posters, backbone {backbone.identity.describe()})",
              f"next: clipposter cache info {info.path}"]
     return {"notice": notice, "summary": summary.to_dict(), "cache": info.to_dict(), "text": "\n".join(lines)}
