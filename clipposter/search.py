@@ -36,6 +36,7 @@ so); a cache whose old rows changed, or another backbone, gets a full rebuild.
 """
 from __future__ import annotations
 
+import abc
 import fcntl
 import hashlib
 import json
@@ -231,7 +232,7 @@ def _blocked_topk(matrix: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray
     return best_s, best_i
 
 
-class _Engine:
+class _Engine(abc.ABC):
     """Common interface of the three engines; all return (scores, rows) sorted best-first, row -1 = none."""
 
     kind: str
@@ -243,17 +244,21 @@ class _Engine:
         self.notes: list[str] = []
 
     @property
+    @abc.abstractmethod
     def ntotal(self) -> int:
-        raise NotImplementedError
+        """Rows the engine holds."""
 
+    @abc.abstractmethod
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(scores, rows) of the k best rows per query, best-first."""
 
+    @abc.abstractmethod
     def add(self, matrix: np.ndarray, start: int, progress: bool) -> None:
-        raise NotImplementedError
+        """Take in the cache rows from `start` on."""
 
+    @abc.abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Memory the engine's own structures use."""
 
     def parts(self) -> list:
         """The faiss indexes to persist (what cannot be rebuilt cheaply from the cache), in order."""
