@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import lm_fixtures
+
 from clipposter.backbone import TINY_MODEL, load_backbone, save_tiny_backbone
 from clipposter.synthetic import generate_posters
 
@@ -24,3 +26,21 @@ def synthetic_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     records = generate_posters(out, n=120, seed=3)
     return out, records
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads crawl on a busy machine.
+    Modules of tiny-model tests use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    with lm_fixtures.single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def caption_cache_dir(tmp_path_factory, tiny_backbone):
+    return lm_fixtures.caption_cache(tmp_path_factory, tiny_backbone)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    return lm_fixtures.tiny_lm(tmp_path_factory)

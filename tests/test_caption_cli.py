@@ -12,20 +12,9 @@ from clipposter.cache import EmbeddingCache
 from clipposter.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with lm_fixtures.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, tiny_backbone):
-    return lm_fixtures.caption_cache(tmp_path_factory, tiny_backbone)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return lm_fixtures.tiny_lm(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +35,9 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def test_train_resume_and_refuse_overwrite(capsys, cache_dir, lm_dir, tmp_path):
+def test_train_resume_and_refuse_overwrite(capsys, caption_cache_dir, tiny_lm_dir, tmp_path):
     out = tmp_path / "head"
-    common = ["train", "captions", "--cache", cache_dir, "--out", out, "--lm", lm_dir, "--prefix-length", 4,
+    common = ["train", "captions", "--cache", caption_cache_dir, "--out", out, "--lm", tiny_lm_dir, "--prefix-length", 4,
               "--max-tokens", 16, "--lr", 3e-3, "--batch-size", 32, "--device", "cpu"]
     code, stdout, _ = run(capsys, *common, "--epochs", 1, "--json")
     assert code == 0
@@ -67,9 +56,9 @@ def test_train_resume_and_refuse_overwrite(capsys, cache_dir, lm_dir, tmp_path):
     assert code == 0 and "resumed after epoch 1" in stdout and "epoch 2: train loss" in stdout
 
 
-def test_train_overview_target(capsys, cache_dir, lm_dir, tmp_path):
-    code, stdout, _ = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "plots",
-                          "--lm", lm_dir, "--target", "overview", "--max-tokens", 8, "--prefix-length", 2,
+def test_train_overview_target(capsys, caption_cache_dir, tiny_lm_dir, tmp_path):
+    code, stdout, _ = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", tmp_path / "plots",
+                          "--lm", tiny_lm_dir, "--target", "overview", "--max-tokens", 8, "--prefix-length", 2,
                           "--epochs", 1, "--batch-size", 64, "--mode", "prefix", "--json")
     assert code == 0
     summary = json.loads(stdout)
@@ -77,14 +66,14 @@ def test_train_overview_target(capsys, cache_dir, lm_dir, tmp_path):
     assert summary["truncated"]["train"] > 0  # overviews are longer than 8 tokens
 
 
-def test_caption_posters_from_the_cache_and_encoded_on_the_fly(capsys, cache_dir, head_dir, tmp_path):
-    with EmbeddingCache.open(cache_dir) as cache:
+def test_caption_posters_from_the_cache_and_encoded_on_the_fly(capsys, caption_cache_dir, head_dir, tmp_path):
+    with EmbeddingCache.open(caption_cache_dir) as cache:
         record = cache.records("test")[0]
     # A poster the cache has never seen: the same picture saved again as PNG (new bytes, new hash).
     fresh = tmp_path / "new-poster.png"
     Image.open(record.image).save(fresh)
     code, stdout, _ = run(capsys, "caption", record.image, fresh, record.id, "--head", head_dir, "--cache",
-                          cache_dir, "--strategy", "beam", "--num-return", 2, "--max-new-tokens", 12, "--json")
+                          caption_cache_dir, "--strategy", "beam", "--num-return", 2, "--max-new-tokens", 12, "--json")
     assert code == 0
     result = json.loads(stdout)
     assert [r["source"] for r in result["results"]] == ["cache", "encoded", "cache"]
@@ -95,9 +84,9 @@ def test_caption_posters_from_the_cache_and_encoded_on_the_fly(capsys, cache_dir
     assert code == 0 and stdout.startswith(f"{fresh}: ") and len(stdout.strip().splitlines()) == 1
 
 
-def test_evaluate_captions_report(capsys, cache_dir, head_dir, tmp_path):
+def test_evaluate_captions_report(capsys, caption_cache_dir, head_dir, tmp_path):
     report_file = tmp_path / "report.json"
-    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir, "--split",
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", caption_cache_dir, "--head", head_dir, "--split",
                           "validation", "--limit", 30, "--samples", 4, "--report", report_file)
     assert code == 0
     for needle in ("cosine", "margin", "retr@10", "chance (random train)", "constant (best train)", "constant text",
@@ -109,12 +98,12 @@ def test_evaluate_captions_report(capsys, cache_dir, head_dir, tmp_path):
     for metrics in report["scores"]["systems"].values():
         assert set(metrics) == {"cosine", "margin", "retrieval", "bleu", "distinct_1", "distinct_2",
                                 "identical_share"}
-    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir, "--limit", 5,
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", caption_cache_dir, "--head", head_dir, "--limit", 5,
                           "--strategy", "poster2plot", "--json")
     assert code == 0 and json.loads(stdout)["decoding"]["no_repeat_ngram_size"] == 3
 
 
-def test_errors_are_one_line(capsys, cache_dir, head_dir, lm_dir, tmp_path, monkeypatch):
+def test_errors_are_one_line(capsys, caption_cache_dir, head_dir, tiny_lm_dir, tmp_path, monkeypatch):
     code, _, err = run(capsys, "caption", tmp_path / "missing.jpg", "--head", head_dir)
     assert code == 2 and "not an image file" in error_line(err)
     code, _, err = run(capsys, "caption", tmp_path / "x.jpg", "--head", tmp_path)
@@ -130,19 +119,19 @@ def test_errors_are_one_line(capsys, cache_dir, head_dir, lm_dir, tmp_path, monk
     config = json.loads((other / "config.json").read_text())
     config["backbone"]["weights"] = "sha256:0000"
     (other / "config.json").write_text(json.dumps(config))
-    code, _, err = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", other, "--limit", 3)
+    code, _, err = run(capsys, "evaluate", "captions", "--cache", caption_cache_dir, "--head", other, "--limit", 3)
     assert code == 2 and "was made with backbone" in error_line(err)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "h", "--lm", "gpt2")
+    code, _, err = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", tmp_path / "h", "--lm", "gpt2")
     line = error_line(err)
     assert code == 2 and "cannot load language model 'gpt2' offline" in line and "--lm" in line
-    code, _, err = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir,
+    code, _, err = run(capsys, "evaluate", "captions", "--cache", caption_cache_dir, "--head", head_dir,
                        "--sentence-model", tmp_path / "no-model")
     assert code == 2 and "cannot load sentence model" in error_line(err)
     code, _, err = run(capsys, "caption", "x", "--head", head_dir, "--strategy", "greedy", "--num-return", 2)
     assert code == 2 and "greedy decoding gives one candidate" in error_line(err)
-    code, _, err = run(capsys, "train", "captions", "--cache", cache_dir, "--out", tmp_path / "h2", "--lm", lm_dir,
+    code, _, err = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", tmp_path / "h2", "--lm", tiny_lm_dir,
                        "--epochs", 0)
     assert code == 2 and "--epochs must be at least 1" in error_line(err)
 

@@ -24,27 +24,16 @@ from clipposter.heads.decoding import (STRATEGIES, DecodingConfig, WordScheduled
 REAL_GPT2_TOKENIZER = Path("/work/shared/assets/gpt2-tokenizer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with lm_fixtures.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, tiny_backbone):
-    return lm_fixtures.caption_cache(tmp_path_factory, tiny_backbone)
-
-
-@pytest.fixture(scope="module")
-def cache(cache_dir):
-    c = EmbeddingCache.open(cache_dir)
+def cache(caption_cache_dir):
+    c = EmbeddingCache.open(caption_cache_dir)
     yield c
     c.close()
 
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return lm_fixtures.tiny_lm(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -132,32 +121,32 @@ def test_save_then_load_gives_the_same_greedy_output(head, cache, tmp_path):
     assert BackboneIdentity.from_dict(config["backbone"]) == head.identity and config["head"]["prefix_length"] == 10
 
 
-def test_joint_training_changes_the_lm(head, lm_dir):
+def test_joint_training_changes_the_lm(head, tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(lm_dir).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).state_dict()
     trained = head.lm.state_dict()
     assert any(not torch.equal(original[k], trained[k]) for k in original)
 
 
-def test_prefix_only_training_leaves_the_lm_unchanged(cache, lm_dir, tmp_path):
+def test_prefix_only_training_leaves_the_lm_unchanged(cache, tiny_lm_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    summary = train_caption_head(cache, tmp_path / "prefix", lm=str(lm_dir), mode="prefix", max_tokens=16,
+    summary = train_caption_head(cache, tmp_path / "prefix", lm=str(tiny_lm_dir), mode="prefix", max_tokens=16,
                                  prefix_length=4, train=TrainConfig(epochs=2, lr=3e-3, warmup_steps=2),
                                  progress=False)
     assert summary.history[-1]["train_loss"] < summary.history[0]["train_loss"]  # the mapper did learn
-    original = AutoModelForCausalLM.from_pretrained(lm_dir).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).state_dict()
     saved = CaptionHead.load(tmp_path / "prefix")
     assert saved.config.mode == "prefix"
     for name, tensor in saved.lm.state_dict().items():
         assert torch.equal(tensor, original[name]), name
-    fresh = CaptionHead.create(cache.identity, lm=str(lm_dir), prefix_length=4, max_tokens=16, mode="prefix")
+    fresh = CaptionHead.create(cache.identity, lm=str(tiny_lm_dir), prefix_length=4, max_tokens=16, mode="prefix")
     assert not torch.equal(fresh.mapper.net[0].weight, saved.mapper.net[0].weight)
 
 
-def test_resume_continues_exactly_where_training_stopped(cache, lm_dir, tmp_path, monkeypatch):
-    settings = dict(lm=str(lm_dir), max_tokens=16, prefix_length=4, mapper="transformer", mapper_layers=1,
+def test_resume_continues_exactly_where_training_stopped(cache, tiny_lm_dir, tmp_path, monkeypatch):
+    settings = dict(lm=str(tiny_lm_dir), max_tokens=16, prefix_length=4, mapper="transformer", mapper_layers=1,
                     progress=False)
     train = TrainConfig(epochs=2, lr=1e-3, accumulate=2)
     straight = train_caption_head(cache, tmp_path / "a", train=train, **settings)
@@ -245,9 +234,9 @@ def test_backbone_and_folder_mismatches_are_refused(head, tmp_path, trained):
         CaptionHead.load(broken)
 
 
-def test_prefix_plus_length_beyond_the_lm_positions_is_refused(lm_dir, cache):
+def test_prefix_plus_length_beyond_the_lm_positions_is_refused(tiny_lm_dir, cache):
     with pytest.raises(ClipposterError, match="positions"):
-        CaptionHead.create(cache.identity, lm=str(lm_dir), max_tokens=200)
+        CaptionHead.create(cache.identity, lm=str(tiny_lm_dir), max_tokens=200)
 
 
 def test_lm_that_cannot_be_loaded_offline_is_one_clear_line(monkeypatch, tmp_path):
@@ -405,9 +394,9 @@ def test_unloadable_sentence_model_is_one_clear_line(tmp_path):
     assert "\n" not in str(err.value) and "--sentence-model" in str(err.value)
 
 
-def test_evaluation_skips_posters_without_a_reference(head, cache_dir, tmp_path, scorer):
+def test_evaluation_skips_posters_without_a_reference(head, caption_cache_dir, tmp_path, scorer):
     copy = tmp_path / "cache"
-    shutil.copytree(cache_dir, copy)
+    shutil.copytree(caption_cache_dir, copy)
     with EmbeddingCache.open(copy) as c:
         records = c.records("test")
         for r, bad in zip(records[:3], ("", "   ", None)):

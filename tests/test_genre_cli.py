@@ -17,13 +17,7 @@ SMALL = ["--width", 32, "--mlp-hidden", 32, "--heads", 2, "--dropout", 0.2, "--l
          "--batch-size", 32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def run(capsys, *argv):

@@ -27,13 +27,7 @@ SMALL = {"width": 64, "mlp_hidden": 64, "num_heads": 4, "dropout": 0.3}
 SMALL_OPTS = dict(lr=1e-3, epochs=40, batch_size=32, patience=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
