@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from clipposter.cache import EmbeddingCache
 from clipposter.cli import main
