@@ -100,7 +100,7 @@ def cmd_train_genres(args) -> int:
 def cmd_evaluate_genres(args) -> int:
     from .cache import EmbeddingCache
     from .heads.genre import GenreHead, evaluate_genres
-    from .metrics import format_genre_per_genre, format_genre_table, genre_f1_chart
+    from .metrics import format_genre_per_genre, format_genre_table, write_genre_evaluation
 
     head = GenreHead.from_pretrained(args.head)
     baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -109,22 +109,7 @@ def cmd_evaluate_genres(args) -> int:
                                  progress=not args.json)
     out = Path(args.out) if args.out else Path(args.head) / "evaluation.json"
     chart = Path(args.chart) if args.chart else out.with_suffix(".png")
-    split = report["per_genre_split"]
-    if split is not None:
-        series = {}
-        for name, model in report["models"].items():
-            setting = "calibrated" if "calibrated" in model["results"] else "top-k"
-            label = name if setting == "calibrated" else f"{name} top-{model['k']}"
-            series[label] = [r["f1"] for r in model["results"][setting][split]["per_genre"]]
-        genre_f1_chart(head.genres, series, chart, title=f"per-genre F1 on {split} (calibrated thresholds)")
-        report["chart"] = str(chart)
-    else:
-        report["chart"] = None
-    report["json"] = str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_genre_evaluation(report, head.genres, out, chart)
     _warn(report["warnings"])
     p = report["posters"]
     text = "\n".join([

@@ -281,3 +281,29 @@ def genre_f1_chart(genres: Sequence[str], series: Mapping[str, Sequence[float]],
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def write_genre_evaluation(report: dict, genres: Sequence[str], out: str | os.PathLike,
+                           chart: str | os.PathLike | None = None) -> dict:
+    """Save a genre evaluation report as JSON (atomically) and, when it has a per-genre split, its
+    per-genre F1 chart as PNG. Records both paths in the report ("json", "chart") and returns it."""
+    import json
+
+    out = Path(out)
+    chart = Path(chart) if chart is not None else out.with_suffix(".png")
+    split = report["per_genre_split"]
+    report["chart"] = None
+    if split is not None:
+        series = {}
+        for name, model in report["models"].items():
+            setting = "calibrated" if "calibrated" in model["results"] else "top-k"
+            label = name if setting == "calibrated" else f"{name} top-{model['k']}"
+            series[label] = [r["f1"] for r in model["results"][setting][split]["per_genre"]]
+        genre_f1_chart(genres, series, chart, title=f"per-genre F1 on {split} (calibrated thresholds)")
+        report["chart"] = str(chart)
+    report["json"] = str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    return report

@@ -13,10 +13,10 @@ import torch
 
 from clipposter.cache import EmbeddingCache
 from clipposter.embed import embed_records
+from clipposter.heads.tiny_lm import build_tiny_lm
 from clipposter.records import assign_splits
 from clipposter.synthetic import generate_posters
 
-EOS = "<|endoftext|>"
 N_POSTERS = 600
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 _built: dict[tuple[str, str], object] = {}
@@ -62,28 +62,6 @@ def caption_cache(factory, backbone):
         cache.close()
         return root
     return _once(factory, "cache", build)
-
-
-def build_tiny_lm(folder: Path, texts, vocab_size: int = 700, seed: int = 0) -> Path:
-    """Train a byte-level BPE on `texts`, wrap it as a fast tokenizer, build a tiny GPT-2 on that
-    vocabulary and save both, so tests load them through the same from_pretrained path as a real LM."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                            show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-    eos = tok.convert_tokens_to_ids(EOS)
-    config = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def tiny_lm(factory):
