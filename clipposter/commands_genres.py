@@ -5,7 +5,6 @@ Parsing only at import time: torch, scikit-learn and matplotlib are imported ins
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

@@ -7,7 +7,6 @@ temporary root), so both caption test files share them without a second build.""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
