@@ -44,3 +44,15 @@ def caption_cache_dir(tmp_path_factory, tiny_backbone):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     return lm_fixtures.tiny_lm(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, tiny_backbone):
+    """A finished `demo` run folder (run.json, cache, both heads, evaluations, index, report) over 160
+    synthetic posters, with the tiny backbone loaded from its checkpoint and a tiny GPT-2; read-only."""
+    from clipposter.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    with lm_fixtures.single_thread():
+        run_demo(out, n=160, seed=5, backbone=tiny_backbone, online=False, progress=False)
+    return out
