@@ -15,6 +15,7 @@ training the caption head resumes from its last epoch checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -180,13 +181,6 @@ def run_demo(out: str | Path, n: int = DEFAULT_POSTERS, source: str | None = Non
 
     backbone / lm: use these instead of choosing (tests pass the tiny ones); online: skip the hub
     probe with a known answer."""
-    from .analysis import RUN_FILE, RUN_FORMAT, PosterAnalyzer
-    from .caption_metrics import evaluate_captions, load_sentence_scorer
-    from .heads.caption import CaptionHead, TrainConfig, train_caption_head
-    from .heads.genre import GenreHead, TrainOptions, evaluate_genres, train_genre_head
-    from .metrics import write_genre_evaluation
-    from .report import build_report
-    from .search import PosterIndex
     from .sources import load_source
     from .synthetic import generate_posters
 
@@ -227,115 +221,146 @@ def run_demo(out: str | Path, n: int = DEFAULT_POSTERS, source: str | None = Non
     stages.end("embed", t, **summary.to_dict(), texts=texts)
 
     cache = EmbeddingCache.open(cache_dir)
+    small = len(cache.records("train")) < SMALL_DATA
     try:
-        ids = sorted(r.id for r in cache.records())
-        data_key = _fingerprint(ids=ids, backbone=backbone.identity.key)
-        train_posters = len(cache.records("train"))
-
-        t = stages.start("lm", "language model")
-        if lm is None:
-            corpus = [x for r in records for x in (r.tagline, r.overview) if x]
-            lm, reason = pick_lm(corpus, out / "tiny-lm", bool(online))
-            if reason:
-                notices.append(f"{REAL_LM} weights unavailable: using a tiny GPT-2 trained from scratch on these "
-                               f"posters' texts")
-        tiny_lm = lm != REAL_LM
-        stages.end("lm", t, lm="tiny GPT-2 (random init, BPE trained on the posters' texts)" if tiny_lm else lm)
-
-        # ---- genre head
-        settings = GENRE_SMALL if train_posters < SMALL_DATA else GENRE_PAPER
-        genre_dir = out / "genres"
-        key = _fingerprint(data=data_key, settings=settings, seed=seed)
-        t = stages.start("genres", "training the genre head (ML-Decoder)")
-        if _stage_current(genre_dir, key):
-            head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)
-            stages.end("genres", t, reused=True)
-        else:
-            shutil.rmtree(genre_dir, ignore_errors=True)
-            result = train_genre_head(cache, architecture=settings["architecture"],
-                                      options=TrainOptions(seed=seed, **settings["options"]), backbone=backbone,
-                                      progress=progress)
-            head = result.head
-            head.save_pretrained(genre_dir)
-            head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)
-            _mark_stage(genre_dir, key)
-            stages.end("genres", t, epochs=len(result.history), warnings=result.warnings)
-
-        t = stages.start("genre_eval", "evaluating the genre head beside its baselines")
-        genre_eval = evaluate_genres(head, cache, seed=seed, progress=progress)
-        write_genre_evaluation(genre_eval, head.genres, genre_dir / "evaluation.json")
-        stages.end("genre_eval", t, **_genre_headline(genre_eval))
-
-        # ---- caption head
-        cap_settings = CAPTION_TINY_LM if tiny_lm else CAPTION_REAL_LM
-        caption_dir = out / "taglines"
-        key = _fingerprint(data=data_key, lm=lm if not tiny_lm else "tiny", settings=cap_settings, seed=seed)
-        t = stages.start("captions", f"training the caption head (ClipCap prefix + {'tiny GPT-2' if tiny_lm else lm})")
-        if _stage_current(caption_dir, key):
-            stages.end("captions", t, reused=True)
-        else:
-            resume = False
-            try:
-                stage = json.loads((caption_dir / STAGE_FILE).read_text())
-                resume = stage.get("fingerprint") == key and (caption_dir / "checkpoints" / "latest.json").is_file()
-            except (OSError, ValueError):
-                pass  # no stage record: nothing of this run to resume
-            if not resume:
-                shutil.rmtree(caption_dir, ignore_errors=True)
-                caption_dir.mkdir(parents=True)
-                _mark_stage(caption_dir, key, complete=False)
-            s = cap_settings
-            train_summary = train_caption_head(
-                cache, caption_dir, lm=lm, max_tokens=s["max_tokens"], resume=resume, progress=progress,
-                train=TrainConfig(epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
-                                  warmup_steps=s["warmup_steps"], seed=seed))
-            _mark_stage(caption_dir, key, complete=True)
-            stages.end("captions", t, resumed_from_epoch=train_summary.resumed_from_epoch,
-                       examples=train_summary.train_examples, last=train_summary.history[-1])
-        caption_head = CaptionHead.load(caption_dir)
-
-        t = stages.start("caption_eval", "evaluating the caption head beside chance and constant texts")
-        caption_eval = None
-        split = "test" if cache.records("test") else "validation"
-        try:
-            scorer = load_sentence_scorer(evaluate_captions_with)
-            report = evaluate_captions(caption_head, cache, split=split, scorer=scorer, seed=seed, progress=progress)
-            caption_eval = report.to_dict()
-            _write_json(caption_dir / "evaluation.json", caption_eval)
-            stages.end("caption_eval", t, **_caption_headline(caption_eval))
-        except ClipposterError as exc:
-            notices.append(f"caption evaluation skipped: {exc}")
-            stages.end("caption_eval", t, skipped=str(exc))
-
-        t = stages.start("index", "building the poster index")
-        index = PosterIndex.open(cache, progress=progress)
-        stages.end("index", t, kind=index.kind, posters=index.ntotal)
-
-        notice = None
-        if notices:
-            notice = "; ".join(notices)
-            if any("unavailable" in x for x in notices):
-                notice += "; the scores show that the pipeline works, not how good CLIP or GPT-2 are"
-        run = {"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "notice": notice,
-               "source": source or f"synthetic ({n} posters, seed {seed})",
-               "backbone": backbone.identity.describe(), "lm": "tiny GPT-2" if tiny_lm else lm,
-               "cache": cache_dir.name, "genre_head": genre_dir.name, "caption_head": caption_dir.name,
-               "report": "report.html",
-               "evaluation": {"genres": "genres/evaluation.json",
-                              "captions": "taglines/evaluation.json" if caption_eval else None}}
-        _write_json(out / RUN_FILE, run)
-
-        t = stages.start("report", "writing the report")
-        analyzer = PosterAnalyzer(cache, head, caption_head, index, backbone=backbone,
-                                  run_info={**run, "run_dir": str(out.resolve())})
-        report_path = out / "report.html"
-        report_summary = build_report(analyzer, report_path, genre_eval=genre_eval, caption_eval=caption_eval,
-                                      evaluate=False, limit=report_limit,
-                                      header_extra={"notice": notice, "source": run["source"],
-                                                    "backbone": run["backbone"], "lm": run["lm"]})
-        stages.end("report", t, **{k: v for k, v in report_summary.items() if k != "path"})
+        with _torch_threads(1 if small else None):
+            return _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, source, n, seed,
+                                       small, stages, notices, evaluate_captions_with, report_limit, started)
     finally:
         cache.close()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Small heads train on one intra-op thread: they gain nothing from a second, and on a 2-core
+    machine that other jobs share, spinning OpenMP threads made the demo five times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, source, n, seed, small, stages,
+                        notices, evaluate_captions_with, report_limit, started) -> DemoResult:
+    """Stages 4-10 of run_demo, over the embedded cache."""
+    from .analysis import RUN_FILE, RUN_FORMAT, PosterAnalyzer
+    from .caption_metrics import evaluate_captions, load_sentence_scorer
+    from .heads.caption import CaptionHead, TrainConfig, train_caption_head
+    from .heads.genre import GenreHead, TrainOptions, evaluate_genres, train_genre_head
+    from .metrics import write_genre_evaluation
+    from .report import build_report
+    from .search import PosterIndex
+
+    ids = sorted(r.id for r in cache.records())
+    data_key = _fingerprint(ids=ids, backbone=backbone.identity.key)
+
+    t = stages.start("lm", "language model")
+    if lm is None:
+        corpus = [x for r in records for x in (r.tagline, r.overview) if x]
+        lm, reason = pick_lm(corpus, out / "tiny-lm", bool(online))
+        if reason:
+            notices.append(f"{REAL_LM} weights unavailable: using a tiny GPT-2 trained from scratch on these "
+                           f"posters' texts")
+    tiny_lm = lm != REAL_LM
+    stages.end("lm", t, lm="tiny GPT-2 (random init, BPE trained on the posters' texts)" if tiny_lm else lm)
+
+    # ---- genre head
+    settings = GENRE_SMALL if small else GENRE_PAPER
+    genre_dir = out / "genres"
+    key = _fingerprint(data=data_key, settings=settings, seed=seed)
+    t = stages.start("genres", "training the genre head (ML-Decoder)")
+    if _stage_current(genre_dir, key):
+        head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)
+        stages.end("genres", t, reused=True)
+    else:
+        shutil.rmtree(genre_dir, ignore_errors=True)
+        result = train_genre_head(cache, architecture=settings["architecture"],
+                                  options=TrainOptions(seed=seed, **settings["options"]), backbone=backbone,
+                                  progress=stages.verbose)
+        head = result.head
+        head.save_pretrained(genre_dir)
+        head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)
+        _mark_stage(genre_dir, key)
+        stages.end("genres", t, epochs=len(result.history), warnings=result.warnings)
+
+    t = stages.start("genre_eval", "evaluating the genre head beside its baselines")
+    genre_eval = evaluate_genres(head, cache, seed=seed, progress=stages.verbose)
+    write_genre_evaluation(genre_eval, head.genres, genre_dir / "evaluation.json")
+    stages.end("genre_eval", t, **_genre_headline(genre_eval))
+
+    # ---- caption head
+    cap_settings = CAPTION_TINY_LM if tiny_lm else CAPTION_REAL_LM
+    caption_dir = out / "taglines"
+    key = _fingerprint(data=data_key, lm=lm if not tiny_lm else "tiny", settings=cap_settings, seed=seed)
+    t = stages.start("captions", f"training the caption head (ClipCap prefix + {'tiny GPT-2' if tiny_lm else lm})")
+    if _stage_current(caption_dir, key):
+        stages.end("captions", t, reused=True)
+    else:
+        resume = False
+        try:
+            stage = json.loads((caption_dir / STAGE_FILE).read_text())
+            resume = stage.get("fingerprint") == key and (caption_dir / "checkpoints" / "latest.json").is_file()
+        except (OSError, ValueError):
+            pass  # no stage record: nothing of this run to resume
+        if not resume:
+            shutil.rmtree(caption_dir, ignore_errors=True)
+            caption_dir.mkdir(parents=True)
+            _mark_stage(caption_dir, key, complete=False)
+        s = cap_settings
+        train_summary = train_caption_head(
+            cache, caption_dir, lm=lm, max_tokens=s["max_tokens"], resume=resume, progress=stages.verbose,
+            train=TrainConfig(epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
+                              warmup_steps=s["warmup_steps"], seed=seed))
+        _mark_stage(caption_dir, key, complete=True)
+        stages.end("captions", t, resumed_from_epoch=train_summary.resumed_from_epoch,
+                   examples=train_summary.train_examples, last=train_summary.history[-1])
+    caption_head = CaptionHead.load(caption_dir)
+
+    t = stages.start("caption_eval", "evaluating the caption head beside chance and constant texts")
+    caption_eval = None
+    split = "test" if cache.records("test") else "validation"
+    try:
+        scorer = load_sentence_scorer(evaluate_captions_with)
+        report = evaluate_captions(caption_head, cache, split=split, scorer=scorer, seed=seed, progress=stages.verbose)
+        caption_eval = report.to_dict()
+        _write_json(caption_dir / "evaluation.json", caption_eval)
+        stages.end("caption_eval", t, **_caption_headline(caption_eval))
+    except ClipposterError as exc:
+        notices.append(f"caption evaluation skipped: {exc}")
+        stages.end("caption_eval", t, skipped=str(exc))
+
+    t = stages.start("index", "building the poster index")
+    index = PosterIndex.open(cache, progress=stages.verbose)
+    stages.end("index", t, kind=index.kind, posters=index.ntotal)
+
+    notice = None
+    if notices:
+        notice = "; ".join(notices)
+        if any("unavailable" in x for x in notices):
+            notice += "; the scores show that the pipeline works, not how good CLIP or GPT-2 are"
+    run = {"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "notice": notice,
+           "source": source or f"synthetic ({n} posters, seed {seed})",
+           "backbone": backbone.identity.describe(), "lm": "tiny GPT-2" if tiny_lm else lm,
+           "cache": cache_dir.name, "genre_head": genre_dir.name, "caption_head": caption_dir.name,
+           "report": "report.html",
+           "evaluation": {"genres": "genres/evaluation.json",
+                          "captions": "taglines/evaluation.json" if caption_eval else None}}
+    _write_json(out / RUN_FILE, run)
+
+    t = stages.start("report", "writing the report")
+    analyzer = PosterAnalyzer(cache, head, caption_head, index, backbone=backbone,
+                              run_info={**run, "run_dir": str(out.resolve())})
+    report_path = out / "report.html"
+    report_summary = build_report(analyzer, report_path, genre_eval=genre_eval, caption_eval=caption_eval,
+                                  evaluate=False, limit=report_limit,
+                                  header_extra={"notice": notice, "source": run["source"],
+                                                "backbone": run["backbone"], "lm": run["lm"]})
+    stages.end("report", t, **{k: v for k, v in report_summary.items() if k != "path"})
     return DemoResult(out=str(out), report=str(report_path), run_file=str(out / RUN_FILE), notice=notice,
                       stages=stages.done, seconds=time.perf_counter() - started)
 
