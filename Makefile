@@ -10,18 +10,28 @@ QUIET := { grep -v "is ignored" || true; }
 # torch and torchvision are pinned as a pair: open_clip needs torchvision, and mismatched pairs fail to import.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET)
-	$(BIN)/python -m pip install -q -e '.[test,metrics,scale]' 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -e '.[test,metrics,scale,app]' 2>&1 | $(QUIET)
 	$(BIN)/python -c "import clipposter, torch, torchvision, open_clip"
 	touch $@
 
-demo: setup
+# The app's browser test drives Debian's Chromium (never a browser download). Installed here once,
+# as root with apt; elsewhere install the `chromium` package yourself or the browser test is skipped.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the app's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "warning: $(CHROMIUM) missing and apt-get unavailable: the browser test will be skipped"; fi
+
+demo: $(VENV)/.installed
 	$(BIN)/clipposter demo --out runs/demo
 
 test: setup
