@@ -10,7 +10,7 @@ QUIET := { grep -v "is ignored" || true; }
 # torch and torchvision are pinned as a pair: open_clip needs torchvision, and mismatched pairs fail to import.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo app test bench bench-app clean
 
 setup: $(VENV)/.installed browser
 
@@ -34,11 +34,18 @@ browser:
 demo: $(VENV)/.installed
 	$(BIN)/clipposter demo --out runs/demo
 
+# The web app over the demo's run folder, on http://127.0.0.1:7860.
+app: demo
+	$(BIN)/clipposter app --run runs/demo
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python scripts/bench/embed.py
+
+bench-app: setup
+	$(BIN)/python scripts/bench/app_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -168,10 +168,10 @@ def cmd_demo(args) -> int:
 
 def _head_commands():
     """Registration functions of the heads' command modules (imported lazily: no torch at parse time)."""
-    from . import commands_captions, commands_genres, commands_report, commands_search
+    from . import commands_app, commands_captions, commands_genres, commands_report, commands_search
 
     return [commands_genres.register, commands_captions.register, commands_search.register,
-            commands_report.register]
+            commands_report.register, commands_app.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -278,12 +278,7 @@ def test_missing_evaluations_say_why(analyses):
 
 # ------------------------------------------------------------------------------ end to end
 
-def _main(argv, monkeypatch):
-    from clipposter import commands_report
-
-    if commands_report.register not in cli._head_commands():
-        original = cli._head_commands
-        monkeypatch.setattr(cli, "_head_commands", lambda: original() + [commands_report.register])
+def _main(argv, monkeypatch=None):
     return cli.main([str(a) for a in argv])
 
 
