@@ -11,21 +11,10 @@ from .errors import ClipposterError
 
 
 def _open_analyzer(args):
-    from .analysis import PosterAnalyzer
+    from .analysis import open_analyzer
 
-    parts = {"--cache": args.cache, "--genre-head": args.genre_head, "--caption-head": args.caption_head}
-    given = [name for name, value in parts.items() if value]
-    if args.run and given:
-        raise ClipposterError(f"give --run DIR or --cache, --genre-head and --caption-head, not both "
-                              f"(got --run and {', '.join(given)})")
-    if args.run:
-        return PosterAnalyzer.from_run(args.run, pretrained=args.pretrained, device=args.device)
-    if len(given) != len(parts):
-        missing = [name for name in parts if name not in given]
-        raise ClipposterError(f"missing {', '.join(missing)}: give --run DIR (a folder `clipposter demo` wrote) "
-                              f"or all of --cache, --genre-head and --caption-head")
-    return PosterAnalyzer.open(args.cache, args.genre_head, args.caption_head, pretrained=args.pretrained,
-                               device=args.device)
+    return open_analyzer(args.run, args.cache, args.genre_head, args.caption_head, what="the app",
+                         pretrained=args.pretrained, device=args.device)
 
 
 def cmd_app(args) -> int:

@@ -27,23 +27,10 @@ def _load_saved(path: str | None) -> dict | None:
 
 
 def _open_analyzer(args):
-    from .analysis import PosterAnalyzer
+    from .analysis import open_analyzer
 
-    parts = {"--cache": args.cache, "--genre-head": args.genre_head, "--caption-head": args.caption_head}
-    given = [name for name, value in parts.items() if value]
-    if args.run and given:
-        raise ClipposterError(f"give --run DIR, or {', '.join(parts)}, not both ({', '.join(given)} given "
-                              f"with --run)")
-    if args.run:
-        return PosterAnalyzer.from_run(args.run, device=args.device)
-    if not given:
-        raise ClipposterError("nothing to report on: pass --run DIR (a folder written by `clipposter demo`), "
-                              "or --cache DIR --genre-head DIR --caption-head DIR")
-    missing = [name for name, value in parts.items() if not value]
-    if missing:
-        raise ClipposterError(f"{', '.join(missing)} missing: without --run the report needs --cache, "
-                              f"--genre-head and --caption-head")
-    return PosterAnalyzer.open(args.cache, args.genre_head, args.caption_head, device=args.device)
+    return open_analyzer(args.run, args.cache, args.genre_head, args.caption_head, what="the report",
+                         pretrained=None, device=args.device)
 
 
 def cmd_report(args) -> int:

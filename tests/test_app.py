@@ -214,7 +214,7 @@ def test_app_command_defaults_and_argument_errors(demo_run, tmp_path):
     assert (args.host, args.port, args.max_upload_mb, args.device) == ("127.0.0.1", 7860, 10.0, "auto")
     with pytest.raises(ClipposterError, match="not both"):
         cmd_app(_parse(["app", "--run", str(demo_run), "--cache", "x"]))
-    with pytest.raises(ClipposterError, match="missing --genre-head, --caption-head"):
+    with pytest.raises(ClipposterError, match="--genre-head, --caption-head missing"):
         cmd_app(_parse(["app", "--cache", str(demo_run)]))
     with pytest.raises(ClipposterError, match="run.json: not found"):
         cmd_app(_parse(["app", "--run", str(tmp_path)]))

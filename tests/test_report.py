@@ -330,6 +330,7 @@ def test_cli_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (["report", "--run", tmp_path / "empty"], "run.json"),
         (["report", "--cache", tmp_path], "--genre-head, --caption-head missing"),
         (["report"], "pass --run DIR"),
+        (["report", "--genre-head", tmp_path], "--cache, --caption-head missing"),
         (["report", "--run", tmp_path / "empty", "--cache", tmp_path], "not both"),
         (["report", "--run", tmp_path / "empty", "--limit", 0], "--limit"),
     ):
