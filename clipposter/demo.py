@@ -138,7 +138,7 @@ def _fingerprint(**parts) -> str:
 
 
 def _stage_current(folder: Path, fingerprint: str, marker: str = "config.json") -> bool:
-    """A head folder holds a finished head made from the same inputs."""
+    """A head folder holds `marker` (by default a finished head) made from the same inputs."""
     try:
         stage = json.loads((folder / STAGE_FILE).read_text())
     except (OSError, ValueError):
@@ -301,12 +301,8 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     if _stage_current(caption_dir, key):
         stages.end("captions", t, reused=True)
     else:
-        resume = False
-        try:
-            stage = json.loads((caption_dir / STAGE_FILE).read_text())
-            resume = stage.get("fingerprint") == key and (caption_dir / "checkpoints" / "latest.json").is_file()
-        except (OSError, ValueError):
-            pass  # no stage record: nothing of this run to resume
+        # A run of the same inputs killed mid-training left an epoch checkpoint: continue from it.
+        resume = _stage_current(caption_dir, key, marker="checkpoints/latest.json")
         if not resume:
             shutil.rmtree(caption_dir, ignore_errors=True)
             caption_dir.mkdir(parents=True)
