@@ -58,10 +58,14 @@ def cmd_search(args) -> int:
                               f"{', '.join('--' + name for name, _ in given)}")
     if args.k < 1:
         raise ClipposterError(f"-k must be at least 1, got {args.k}")
+    if args.genre_head and not args.genre:
+        raise ClipposterError("--genre-head filters on predicted genres: give the genres with --genre too")
     kind, value = given[0]
     cache, index = _open_index(args)
     with cache:
         filters = {"genres": args.genre or None}
+        if args.genre_head:
+            filters["predicted"] = predicted_genres(cache, index, args.genre_head)
         if kind == "id":
             hits = index.search_ids([value], args.k, include_self=args.include_self, **filters)[0]
         elif kind == "image":
@@ -71,7 +75,8 @@ def cmd_search(args) -> int:
             hits = index.search_text([value], args.k, pretrained=args.pretrained, device=args.device, **filters)[0]
         payload = {"query": {"type": kind, "value": value}, "k": args.k, "genres": args.genre,
                    "index": _index_summary(index), "results": [h.to_dict() for h in hits]}
-        head = f"posters like {kind} {value!r}" + (f" with genres {', '.join(args.genre)}" if args.genre else "")
+        which = "predicted" if args.genre_head else "labelled"
+        head = f"posters like {kind} {value!r}" + (f" {which} {', '.join(args.genre)}" if args.genre else "")
         lines = [f"{head} ({_describe_index(index)})"]
         if not hits:
             lines.append("  no poster matches")
@@ -87,6 +92,24 @@ def cmd_search(args) -> int:
             lines.append("  ".join(parts))
         _emit(args, payload, "\n".join(lines))
     return 0
+
+
+def predicted_genres(cache, index, head_dir: str, chunk: int = 65_536):
+    """A genre head's predictions (at its calibrated thresholds) for every indexed poster, for the
+    genre filter; the head must have been trained on the cache's backbone."""
+    import numpy as np
+
+    from .heads.genre import GenreHead
+    from .search import GenrePredictions
+
+    head = GenreHead.from_pretrained(head_dir, identity=cache.identity)
+    matrix = cache.image_matrix()
+    # float16 rows converted a block at a time: a million posters never become one float32 copy
+    parts = [np.zeros((0, len(head.genres)), np.float32)]
+    for i in range(0, index.ntotal, chunk):
+        parts.append(head.predict_proba(np.asarray(matrix[i:min(i + chunk, index.ntotal)], dtype=np.float32)))
+    probs = np.concatenate(parts)
+    return GenrePredictions(probs, head.genres, head.thresholds_for())
 
 
 def _parse_threshold(text: str) -> float:
@@ -140,6 +163,9 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("-k", type=int, default=10, help="number of posters to return (default 10)")
     p.add_argument("--genre", action="append", default=[], metavar="GENRE",
                    help="only posters labelled with this genre; repeat to require several")
+    p.add_argument("--genre-head", metavar="DIR", default=None,
+                   help="with --genre: filter on the genres this trained genre head predicts (at its calibrated "
+                        "thresholds) instead of the cache's labels, e.g. for posters that have no labels")
     p.add_argument("--include-self", action="store_true",
                    help="keep the query poster itself (by id, or by identical file content) in the results")
     p.add_argument("--pretrained", default=None,

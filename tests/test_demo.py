@@ -107,3 +107,27 @@ def test_demo_refuses_too_few_posters(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "x"), "-n", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: -n 10")
+
+
+def test_search_cli_filters_on_a_heads_predicted_genres(demo_run, capsys):
+    """`search --genre G --genre-head DIR` keeps posters the head predicts G for, labelled or not."""
+    from clipposter.cache import EmbeddingCache
+    from clipposter.heads.genre import GenreHead
+
+    run = read_run(demo_run)
+    with EmbeddingCache.open(run["cache"]) as cache:
+        head = GenreHead.from_pretrained(run["genre_head"], identity=cache.identity)
+        query = cache.records("test")[0].id
+        probs = head.predict_proba(cache.embeddings_for_ids([r.id for r in cache.records()]))
+        by_id = dict(zip([r.id for r in cache.records()], probs))
+    genre = "Horror"
+    g = head.genres.index(genre)
+    cut = head.thresholds_for()[g]
+    predicted = {i for i, p in by_id.items() if p[g] >= cut} - {query}
+    assert cli.main(["search", "--cache", run["cache"], "--id", query, "-k", "200", "--genre", genre,
+                     "--genre-head", run["genre_head"], "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert {h["id"] for h in hits} == predicted
+    assert all(genre in h["predicted_genres"] for h in hits)
+    assert cli.main(["search", "--cache", run["cache"], "--id", query, "--genre-head", run["genre_head"]]) == 2
+    assert "give the genres with --genre" in capsys.readouterr().err
