@@ -724,23 +724,21 @@ def render_report(analyses: Sequence, *, genre_eval: Mapping | None, caption_eva
     else:
         body.append('<p class="na">No posters to show.</p>')
 
+    def evaluation(report, render, name: str) -> str:
+        if report:
+            return render(report)
+        why = skipped.get(name)
+        return f'<p class="na">Not included in this report{": " + _e(why) if why else "."}</p>'
+
     body.append('<h2 id="genres">Genre evaluation</h2>')
-    if genre_eval:
-        body.append(_genre_tables(genre_eval))
-    else:
-        body.append(f'<p class="na">Not included in this report'
-                    f'{": " + _e(skipped["genres"]) if skipped.get("genres") else "."}</p>')
+    body.append(evaluation(genre_eval, _genre_tables, "genres"))
 
     body.append('<h2 id="charts">Per-genre charts</h2>')
     charts = _genre_charts(genre_eval, analyses)
     body.append(charts or '<p class="na">Nothing to chart.</p>')
 
     body.append('<h2 id="captions">Tagline evaluation</h2>')
-    if caption_eval:
-        body.append(_caption_table(caption_eval))
-    else:
-        body.append(f'<p class="na">Not included in this report'
-                    f'{": " + _e(skipped["captions"]) if skipped.get("captions") else "."}</p>')
+    body.append(evaluation(caption_eval, _caption_table, "captions"))
 
     from . import __version__ as version
 
