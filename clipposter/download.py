@@ -6,6 +6,7 @@ file under its final name, and every failure is kept with its reason for a CSV r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import http.client
@@ -113,10 +114,8 @@ class _Fatal(Exception):
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
-    try:
+    with contextlib.suppress(ValueError):  # not delay-seconds: it may be the HTTP-date form
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):

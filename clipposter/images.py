@@ -213,7 +213,7 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
             return ImageOps.exif_transpose(img)
     except _DECODE_ERRORS:
         # Malformed EXIF says nothing reliable about orientation; the pixels are still good.
-        pass
+        return img
     return img
 
 

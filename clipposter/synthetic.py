@@ -11,6 +11,7 @@ resumed run skips posters whose files already exist without changing any record.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -622,10 +623,8 @@ def write_manifest(records: Iterable[PosterRecord], path: str | os.PathLike) -> 
     for rec in records:
         image = rec.image or ""
         if image:
-            try:
+            with contextlib.suppress(ValueError):  # outside the manifest folder: keep the path as given
                 image = Path(image).resolve().relative_to(root).as_posix()
-            except ValueError:
-                pass  # outside the manifest folder: keep the path as given
         writer.writerow([rec.id, image, "|".join(rec.genres), rec.tagline or "", rec.overview or "",
                          rec.title or "", rec.split or ""])
     data = buf.getvalue().encode("utf-8")
