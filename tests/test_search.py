@@ -453,3 +453,63 @@ def test_cli_errors_are_one_line(poster_cache, capsys, argv, needle):
 def test_cli_missing_cache_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "search", "--cache", tmp_path / "none", "--text", "x")
     assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# text search returns posters of the queried genre
+# ------------------------------------------------------------------------------------------------
+GENRE_SHARES = {"Drama": 0.40, "Comedy": 0.25, "Horror": 0.15, "Western": 0.12, "Sci-Fi": 0.08}
+
+
+def genre_prompt(genre: str) -> str:
+    return f"a {genre} movie poster"
+
+
+@pytest.fixture(scope="module")
+def genre_aligned_cache(tmp_path_factory, tiny_backbone):
+    """The tiny backbone is random, so text and images are not aligned; here the answer is made known:
+    each poster's embedding is the backbone's text embedding of "a <its genre> movie poster" plus
+    noise. Genres are unbalanced (Drama 40 % … Sci-Fi 8 %), so a search blind to the query would
+    return posters of the queried genre at about the genre's share."""
+    rng = np.random.default_rng(11)
+    n = 250
+    names = list(GENRE_SHARES)
+    labels = rng.permutation(np.repeat(names, [round(GENRE_SHARES[g] * n) for g in names]))
+    prompts = tiny_backbone.encode_texts([genre_prompt(g) for g in names])
+    # The prompt embeddings of the random backbone are close (cosine up to ~0.97), so the noise
+    # (norm ~0.2) is smaller than the gaps between them, yet every poster is a different vector.
+    vectors = unit(prompts[[names.index(g) for g in labels]] + 0.025 * rng.standard_normal((n, prompts.shape[1])))
+    cache = EmbeddingCache.open(tmp_path_factory.mktemp("aligned") / "cache", tiny_backbone.identity,
+                                backbone_spec=tiny_backbone.spec)
+    hashes = [f"aligned{i:06d}" for i in range(n)]
+    cache.add_posters(hashes, vectors, [(PosterRecord(id=f"p{i:03d}", genres=[g]), h)
+                                        for i, (g, h) in enumerate(zip(labels, hashes))])
+    shares = {g: float(np.mean(labels == g)) for g in names}
+    return cache, shares
+
+
+def precision_at_10(genre: str, genres_of_hits: list[list[str]]) -> float:
+    assert len(genres_of_hits) == 10
+    return sum(genre in gs for gs in genres_of_hits) / 10
+
+
+def test_text_search_returns_posters_of_the_queried_genre(genre_aligned_cache, tiny_backbone):
+    cache, shares = genre_aligned_cache
+    index = PosterIndex.build(cache, kind="exact", progress=False)
+    genres = list(shares)
+    hits = index.search_text([genre_prompt(g) for g in genres], k=10, backbone=tiny_backbone)
+    for genre, hs in zip(genres, hits):
+        p = precision_at_10(genre, [h.genres for h in hs])
+        # a ranking blind to the query scores the genre's share (8 % to 40 %) on average
+        assert p >= 0.9 and p >= shares[genre] + 0.5, (genre, p, shares[genre])
+
+
+def test_cli_text_search_returns_posters_of_the_queried_genre(genre_aligned_cache, capsys):
+    cache, shares = genre_aligned_cache
+    for genre in shares:
+        code, out, err = run_cli(capsys, "search", "--cache", cache.root, "--text", genre_prompt(genre),
+                                 "-k", "10", "--device", "cpu", "--json")
+        assert code == 0, err
+        results = json.loads(out)["results"]
+        p = precision_at_10(genre, [r["genres"] for r in results])
+        assert p >= 0.9 and p >= shares[genre] + 0.5, (genre, p, shares[genre])
