@@ -117,6 +117,45 @@ def test_bce_matches_torch_and_special_cases_reduce_to_it():
     assert genre_loss(x, y, "focal").item() < bce.item()
 
 
+def _loss_by_hand(x, y, kind, w=None, focal_gamma=2.0, asl_gamma_neg=4.0, asl_gamma_pos=0.0, asl_clip=0.05):
+    """Each loss's formula in plain numpy, written from its definition (float64; moderate logits)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w = np.ones(x.shape[1]) if w is None else np.asarray(w, np.float64)
+    p = 1.0 / (1.0 + np.exp(-x))
+    if kind == "bce":
+        pos, neg = np.log(p), np.log(1 - p)
+    elif kind == "focal":
+        pos, neg = (1 - p) ** focal_gamma * np.log(p), p ** focal_gamma * np.log(1 - p)
+    else:  # asl: easy negatives shifted down by the clip, p_m = max(p - clip, 0)
+        pm = np.maximum(p - asl_clip, 0.0)
+        pos, neg = (1 - p) ** asl_gamma_pos * np.log(p), pm ** asl_gamma_neg * np.log(1 - pm)
+    return float(-(w * y * pos + (1 - y) * neg).mean())
+
+
+# A hand-made batch: confident right and wrong answers, unsure ones, and negatives below the ASL clip.
+HAND_LOGITS = np.array([[2.0, -1.0, 0.5, -4.0],
+                        [-3.0, 0.0, 1.5, -2.5],
+                        [0.3, 3.0, -0.7, 1.0]])
+HAND_TARGETS = np.array([[1, 0, 1, 0],
+                         [1, 0, 0, 0],
+                         [0, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("bce", {}),
+    ("focal", {}),
+    ("focal", {"focal_gamma": 0.5}),
+    ("asl", {}),
+    ("asl", {"asl_gamma_neg": 2.0, "asl_gamma_pos": 1.0, "asl_clip": 0.2}),
+])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_each_loss_matches_its_formula_on_a_hand_made_batch(kind, params, weighted):
+    w = np.array([1.0, 3.0, 0.5, 2.0]) if weighted else None
+    got = genre_loss(torch.tensor(HAND_LOGITS), torch.tensor(HAND_TARGETS), kind,
+                     None if w is None else torch.tensor(w), **params)
+    assert got.item() == pytest.approx(_loss_by_hand(HAND_LOGITS, HAND_TARGETS, kind, w, **params), rel=1e-5)
+
+
 def test_asl_ignores_easy_negatives_below_the_clip():
     easy_negative = torch.tensor([[-5.0]])  # p ≈ 0.0067 < clip 0.05
     assert genre_loss(easy_negative, torch.zeros(1, 1), "asl").item() == 0.0
@@ -408,11 +447,45 @@ def test_training_is_seeded(poster_cache, tiny_backbone):
     assert np.array_equal(a.head.predict_proba(x), b.head.predict_proba(x))
 
 
+# Non-default loss parameters, so that a parameter lost on its way to the training loop shows too.
+LOSS_OPTIONS = {"bce": {}, "focal": {"focal_gamma": 1.5},
+                "asl": {"asl_gamma_neg": 3.0, "asl_gamma_pos": 0.5, "asl_clip": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def trained_by_loss(poster_cache, tiny_backbone):
+    """The same head trained with each loss option: same data, seed, initialisation and batches."""
+    out = {}
+    for loss, params in LOSS_OPTIONS.items():
+        opts = TrainOptions(lr=1e-3, epochs=4, batch_size=64, patience=10, loss=loss, **params)
+        out[loss] = (opts, train_genre_head(poster_cache, architecture=SMALL, options=opts, backbone=tiny_backbone,
+                                            progress=False))
+    return out
+
+
 @pytest.mark.parametrize("loss", ["focal", "asl"])
-def test_focal_and_asl_train(poster_cache, tiny_backbone, loss):
-    r = train_genre_head(poster_cache, architecture=SMALL, options=TrainOptions(lr=1e-3, epochs=3, batch_size=64, loss=loss),
-                         backbone=tiny_backbone, progress=False)
-    assert all(math.isfinite(e.train_loss) and e.train_loss >= 0 for e in r.history)
+def test_loss_option_changes_the_training_trajectory(trained_by_loss, poster_cache, loss):
+    bce, other = trained_by_loss["bce"][1], trained_by_loss[loss][1]
+    assert other.head.training["loss"] == loss
+    assert len(bce.history) == len(other.history) == 4
+    for a, b in zip(bce.history, other.history):  # every epoch, not only the last
+        assert abs(a.train_loss - b.train_loss) > 1e-3 and abs(a.val_loss - b.val_loss) > 1e-3
+    x = poster_cache.embeddings_for_ids([r.id for r in poster_cache.records("test")])
+    assert np.abs(other.head.predict_proba(x) - bce.head.predict_proba(x)).max() > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal", "asl"])
+def test_training_minimises_the_chosen_loss(trained_by_loss, poster_cache, loss):
+    """The validation loss training records (and early-stops on) is the chosen loss with its
+    parameters: at the kept epoch it equals that loss's formula on the returned head's logits."""
+    opts, result = trained_by_loss[loss]
+    val = load_genre_data(poster_cache, result.head.genres).splits["validation"]
+    with torch.no_grad():
+        logits = result.head.module(torch.from_numpy(val.embeddings)).double().numpy()
+    by_hand = _loss_by_hand(logits, val.labels, loss, focal_gamma=opts.focal_gamma, asl_gamma_neg=opts.asl_gamma_neg,
+                            asl_gamma_pos=opts.asl_gamma_pos, asl_clip=opts.asl_clip)
+    assert min(e.val_loss for e in result.history) == pytest.approx(by_hand, rel=1e-4)
+    assert all(math.isfinite(e.train_loss) and e.train_loss >= 0 for e in result.history)
 
 
 # ===================================================================== saving and identity ==
