@@ -1,8 +1,12 @@
+import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from clipposter.cli import build_parser, main
 
@@ -96,6 +100,42 @@ def test_every_command_has_help_and_json():
             assert any("--json" in a.option_strings for a in leaf._actions), f"{leaf.prog} lacks --json"
 
 
-def test_console_script_runs():
+def installed_script() -> Path:
+    """The `clipposter` console script that installing the package wrote next to this interpreter."""
+    script = Path(sys.executable).parent / ("clipposter.exe" if os.name == "nt" else "clipposter")
+    assert script.is_file(), f"{script} is missing: install the package (pip install -e .) to get the console script"
+    return script
+
+
+def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "clipposter.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "embed" in proc.stdout
+
+
+@pytest.mark.slow  # three interpreter starts, each importing torch (several seconds on a busy machine)
+def test_installed_console_script_runs_commands(tmp_path):
+    """What a user types after `pip install`: the installed `clipposter` script, run from another folder."""
+    script = installed_script()
+
+    def run(*argv):
+        return subprocess.run([str(script), *map(str, argv)], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300)
+
+    proc = run("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: clipposter"), proc.stderr[-2000:]
+    for command in ("embed", "synth", "download", "search", "train", "demo"):
+        assert command in proc.stdout
+
+    out = tmp_path / "posters"
+    proc = run("synth", out, "-n", 4, "--seed", 2, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"posters": 4, "manifest": str(out / "manifest.csv")}
+    with (out / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+    assert all(Image.open(out / r["image"]).size == (200, 300) and r["genres"] for r in rows)
+
+    # an expected failure: one error line and the CLI's exit status
+    proc = run("cache", "info", tmp_path / "no-cache")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
