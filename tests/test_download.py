@@ -1,6 +1,7 @@
 """Downloader against a local ThreadingHTTPServer on 127.0.0.1; no outside network is used."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import threading
@@ -31,10 +32,11 @@ FAST = dict(timeout=0.3, retries=1, backoff=0.01, progress=False)
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, files: Path | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.files = files  # served under /files/<name> (real posters for end-to-end runs)
 
     def handle_error(self, request, client_address):
         pass  # the slow handler writes to a socket the client already closed; that is expected
@@ -88,18 +90,34 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/big-stream":
             # No Content-Length: HTTP/1.0 body runs to connection close, so only streaming can catch it.
             self._send(200, PNG + b"\0" * 5000, "image/png", length=False)
+        elif path.startswith("/files/") and self.server.files is not None:
+            name = path[len("/files/"):]
+            target = self.server.files / name
+            if "/" in name or not target.is_file():
+                self._send(404, b"not here", "text/plain")
+            else:
+                self._send(200, target.read_bytes(), "image/jpeg" if target.suffix == ".jpg" else "image/png")
         else:
             self._send(404, b"not here", "text/plain")
 
 
-@pytest.fixture
-def server():
-    srv = _Server()
+@contextlib.contextmanager
+def serving(files: Path | None = None):
+    """A local test server on 127.0.0.1 (a free port), serving `files` under /files/ too."""
+    srv = _Server(files)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server():
+    with serving() as srv:
+        yield srv
 
 
 def _leftovers(folder: Path) -> list[str]:
