@@ -10,7 +10,7 @@ QUIET := { grep -v "is ignored" || true; }
 # torch and torchvision are pinned as a pair: open_clip needs torchvision, and mismatched pairs fail to import.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup browser demo app test bench bench-app clean
+.PHONY: setup browser demo app test bench bench-app mutation clean
 
 setup: $(VENV)/.installed browser
 
@@ -46,6 +46,18 @@ bench: setup
 
 bench-app: setup
 	$(BIN)/python scripts/bench/app_load.py
+
+# Mutation testing of the modules named in setup.cfg's [mutmut] (slow: see docs/testing.md).
+# One worker by default; MUTATION_CHILDREN=4 on a machine of your own.
+MUTATION_CHILDREN ?= 1
+# genre.py: only the functions that turn probabilities into predicted genres.
+MUTANTS ?= 'clipposter.metrics.*' 'clipposter.heads.decoding.*' 'clipposter.cache.*' 'clipposter.sources.*' \
+	'clipposter.heads.genre.xǁGenreHeadǁpredict_proba__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁpredict__mutmut_*' \
+	'clipposter.heads.genre.xǁGenreHeadǁthresholds_for__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁdescribe_predictions__mutmut_*'
+mutation: setup
+	$(BIN)/python -m pip install -q -e '.[mutation]' 2>&1 | $(QUIET)
+	HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(BIN)/mutmut results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
