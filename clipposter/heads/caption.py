@@ -92,41 +92,85 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0][:200] if text else type(exc).__name__)
 
 
-def _from_pretrained(loader, name: str, **kw):
-    """Local folder → load it; a hub name → the local HF cache first, the hub only when not offline.
+# A lower-case ASCII text every byte-level or word-piece tokenizer of a causal LM encodes and decodes back.
+_PROBE_TEXT = "a poster"
+
+
+def _tokenizer_problem(tok) -> str | None:
+    """Why a loaded tokenizer cannot be the one its files describe, or None.
+
+    transformers 5 answers a local-only load whose HF cache holds the model's config.json but no
+    tokenizer files with an empty tokenizer (one entry, every text encodes to []) instead of
+    raising; a tokenizer must encode a known text to tokens that decode back to it."""
+    try:
+        ids = tok.encode(_PROBE_TEXT, add_special_tokens=False)
+        back = tok.decode(ids, skip_special_tokens=True) if ids else ""
+    except Exception as exc:  # a broken tokenizer file fails in many ways; all mean "unusable"
+        return f"it cannot encode text ({_first_line(exc)})"
+    if not ids:
+        return f"it encodes {_PROBE_TEXT!r} to no tokens ({len(tok)} entries: its vocabulary files are missing)"
+    if back.strip() != _PROBE_TEXT:
+        return f"it encodes {_PROBE_TEXT!r} to tokens that decode to {back!r}"
+    return None
+
+
+def _model_problem(loaded) -> str | None:
+    """Why a model loaded with output_loading_info cannot be the one asked for, or None: weights that
+    were not in the files found would be random."""
+    _, info = loaded
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        return f"{len(missing)} of its weights are not in the files found (first: {missing[0]})"
+    return None
+
+
+def _from_pretrained(loader, name: str, check=None, **kw):
+    """Local folder → load it; a hub name → the local HF cache first, the hub only when `hub` and not offline.
 
     Trying the local cache first makes the common offline case fail (or succeed) in a second
-    instead of after the hub client's retries."""
+    instead of after the hub client's retries. What a local-first load returns is checked with
+    `check` (returns why it is unusable, or None): a cache holding some of a repository's files can
+    load "successfully" into something empty, and then the hub must be asked for the rest."""
+    hub = kw.pop("hub", True)
+
+    def checked(result, where: str):
+        problem = check(result) if check else None
+        if problem:
+            raise OSError(f"{where} {name} is incomplete: {problem}")
+        return result
+
     if Path(name).expanduser().is_dir():
-        return loader(str(Path(name).expanduser()), **kw)
+        return checked(loader(str(Path(name).expanduser()), **kw), "the folder")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         # Clearly a path (a hub id is NAME or ORG/NAME): do not ask the hub about it.
         raise OSError(f"no folder {name}")
     try:
-        return loader(name, local_files_only=True, **kw)
+        return checked(loader(name, local_files_only=True, **kw), "the local HF cache's copy of")
     except (OSError, ValueError):
-        if _offline():
+        if _offline() or not hub:
             raise
-    return loader(name, **kw)
+    return checked(loader(name, **kw), "the hub's copy of")
 
 
-def load_language_model(name_or_path: str = DEFAULT_LM, tokenizer: str | None = None):
+def load_language_model(name_or_path: str = DEFAULT_LM, tokenizer: str | None = None, hub: bool = True):
     """A Hugging Face causal LM and its tokenizer, by hub name or local folder.
 
+    hub=False loads a hub name from the local HF cache only (the caller knows the hub is unreachable).
     Anything that cannot be loaded (no network, no such folder, not a causal LM) becomes one
     ClipposterError line that says how to point at a local copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with quiet_transformers():
-            lm = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path)
+            lm, _ = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, _model_problem,
+                                     output_loading_info=True, hub=hub)
     except Exception as exc:  # OSError, ValueError, HF validation errors: all mean "cannot load"
         raise ClipposterError(
             f"cannot load language model {name_or_path!r} offline ({_first_line(exc)}); pass --lm "
             f"/path/to/local/folder with config.json and weights") from None
     tok_source = tokenizer or name_or_path
     try:
-        tok = _from_pretrained(AutoTokenizer.from_pretrained, tok_source)
+        tok = _from_pretrained(AutoTokenizer.from_pretrained, tok_source, _tokenizer_problem, hub=hub)
     except Exception as exc:
         raise ClipposterError(
             f"cannot load the tokenizer {tok_source!r} ({_first_line(exc)}); pass --tokenizer "
