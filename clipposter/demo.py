@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 REAL_BACKBONE = ("ViT-B-32", "openai")
 REAL_LM = "gpt2"
-HUB_HOST = ("huggingface.co", 443)
+DEFAULT_HUB = "https://huggingface.co"
 STAGE_FILE = "demo-stage.json"
 DEFAULT_POSTERS = 600  # a test split of ~60 posters: enough that the scores beside their baselines mean something
 
@@ -51,17 +52,36 @@ CAPTION_TINY_LM = {"epochs": 20, "lr": 3e-3, "batch_size": 16, "warmup_steps": 1
 CAPTION_REAL_LM = {"epochs": 2, "lr": 1e-4, "batch_size": 16, "warmup_steps": None, "max_tokens": 40}
 
 
+def hub_endpoint() -> str:
+    """The hub the download libraries will ask: huggingface_hub reads HF_ENDPOINT (a mirror or an
+    on-premise hub) once, at import."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_ENDPOINT", DEFAULT_HUB).rstrip("/")
+    return constants.ENDPOINT.rstrip("/")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is an answer: the hub is there
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick reachability probe, so an offline machine does not wait through the hub client's retries.
-    HF_HUB_OFFLINE=1 answers no without asking the network."""
+    """A quick reachability probe of `hub_endpoint()`, so an offline machine (or a hub that accepts
+    connections and never answers) does not wait through the hub client's retries: any HTTP answer
+    within `timeout` seconds counts. HF_HUB_OFFLINE=1 answers no without asking the network."""
     from .heads.caption import _offline
 
     if _offline():
         return False
+    request = urllib.request.Request(hub_endpoint() + "/", method="HEAD")
     try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True  # 4xx/5xx or a redirect: it answered
+    except (OSError, ValueError):  # refused, unresolvable, timed out, or not a URL
         return False
 
 
@@ -86,7 +106,7 @@ def pick_lm(texts: Sequence[str], folder: Path, online: bool) -> tuple[str, str 
 
     if online or _in_hf_cache(REAL_LM):
         try:
-            load_language_model(REAL_LM)
+            load_language_model(REAL_LM, hub=online)
             return REAL_LM, None
         except ClipposterError as exc:
             reason = str(exc)
@@ -107,7 +127,7 @@ def pick_lm(texts: Sequence[str], folder: Path, online: bool) -> tuple[str, str 
 def _unreachable() -> str:
     from .heads.caption import _offline
 
-    return "HF_HUB_OFFLINE is set" if _offline() else f"cannot reach {HUB_HOST[0]}"
+    return "HF_HUB_OFFLINE is set" if _offline() else f"cannot reach {hub_endpoint()}"
 
 
 def _in_hf_cache(name: str) -> bool:
