@@ -236,7 +236,11 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
         with torch.random.fork_rng(devices=[]):
             # Random weights are seeded so that their identity names reproducible embeddings.
             torch.manual_seed(RANDOM_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag, device=dev)
+            # A tag's weights were trained with the activation its pretrained config names: OpenAI's
+            # with QuickGELU, which plain `ViT-B-32` does not use (open_clip only warns).
+            quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu"))
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag, device=dev,
+                                                                         force_quick_gelu=quick_gelu)
     except ClipposterError:
         raise
     except Exception as exc:  # open_clip raises RuntimeError/OSError for failed downloads and bad files
