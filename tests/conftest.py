@@ -2,12 +2,48 @@
 and a small synthetic poster set. Everything is built here; nothing is downloaded."""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
+
 import pytest
 
 import lm_fixtures
 
 from clipposter.backbone import TINY_MODEL, load_backbone, save_tiny_backbone
 from clipposter.synthetic import generate_posters
+
+
+_HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+_hf_before: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """The whole suite (and every subprocess it starts) sees an empty Hugging Face cache and no hub:
+    what the machine's cache holds (a real gpt2, say) must not change what a test exercises. Set
+    before collection, because huggingface_hub reads these once, at import. Tests of the online path
+    (test_online.py) run their subprocesses with their own cache and a local stand-in of the hub."""
+    home = tempfile.mkdtemp(prefix="clipposter-test-hf-")
+    values = {"HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"), "HF_HUB_OFFLINE": "1"}
+    for key in _HF_ENV:
+        _hf_before[key] = os.environ.get(key)
+        os.environ[key] = values[key]
+    if "huggingface_hub" in sys.modules:  # imported by a plugin before this hook ran
+        from huggingface_hub import constants
+
+        constants.HF_HOME, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = home, values["HF_HUB_CACHE"], True
+
+
+def pytest_unconfigure(config):
+    home = os.environ.get("HF_HOME", "")
+    for key, value in _hf_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if os.path.basename(home).startswith("clipposter-test-hf-"):
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +85,9 @@ def tiny_lm_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_backbone):
     """A finished `demo` run folder (run.json, cache, both heads, evaluations, index, report) over 160
-    synthetic posters, with the tiny backbone loaded from its checkpoint and a tiny GPT-2; read-only."""
+    synthetic posters, with the tiny backbone loaded from its checkpoint and a tiny GPT-2; read-only.
+    The LM is the tiny one whatever the machine's HF cache holds: the suite's cache is empty (see
+    pytest_configure)."""
     from clipposter.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
