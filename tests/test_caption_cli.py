@@ -103,6 +103,61 @@ def test_evaluate_captions_report(capsys, caption_cache_dir, head_dir, tmp_path)
     assert code == 0 and json.loads(stdout)["decoding"]["no_repeat_ngram_size"] == 3
 
 
+def _evaluate(capsys, cache_dir, head_dir, split) -> dict:
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", cache_dir, "--head", head_dir, "--split", split,
+                          "--json")
+    assert code == 0
+    return json.loads(stdout)
+
+
+def _margin(reports, system="generated") -> float:
+    """A system's margin averaged over the scored splits (one ~90-poster split wanders by ±0.02)."""
+    return sum(r["scores"]["systems"][system]["margin"] for r in reports) / len(reports)
+
+
+def test_evaluation_shows_the_constant_tagline_high_on_cosine_and_zero_on_margin(capsys, caption_cache_dir, head_dir):
+    """The paper's cosine rewards one generic tagline given to every poster. What `evaluate captions`
+    prints and writes carries that constant and the chance baseline beside the head, and the margin
+    that exposes the constant: zero by construction, while the trained head's clears chance."""
+    reports = [_evaluate(capsys, caption_cache_dir, head_dir, split) for split in lm_fixtures.SCORED_SPLITS]
+    for report in reports:
+        systems = report["scores"]["systems"]
+        constant, chance = systems["constant"], systems["chance"]
+        assert constant["identical_share"] == 1.0
+        # A high cosine (well above a random other tagline's) with no margin at all.
+        assert constant["cosine"] > chance["cosine"] + 0.04, systems
+        assert abs(constant["margin"]) < 1e-6
+    assert _margin(reports) > _margin(reports, "chance") + lm_fixtures.MARGIN_GAP
+
+    # The table the user reads says the same.
+    code, stdout, _ = run(capsys, "evaluate", "captions", "--cache", caption_cache_dir, "--head", head_dir,
+                          "--split", "test")
+    assert code == 0
+    rows = {line[:24].strip(): line[24:].split() for line in stdout.splitlines()
+            if line.startswith(("generated", "chance (random train)", "constant (best train)"))}
+    test = reports[-1]["scores"]
+    assert set(rows) == {"generated", "chance (random train)", "constant (best train)"}
+    assert float(rows["constant (best train)"][0]) == pytest.approx(test["systems"]["constant"]["cosine"], abs=5e-4)
+    assert float(rows["constant (best train)"][1]) == 0.0
+    assert f"constant text: {test['constant_text']!r}" in stdout and "margin of any constant output: 0" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_evaluation_tells_a_trained_head_from_one_blind_to_its_posters(capsys, caption_cache_dir, head_dir,
+                                                                       tmp_path_factory, tiny_backbone):
+    """The same head trained on other posters' embeddings (see test_captions for three seeds):
+    the margin `evaluate captions` reports separates it from the trained head, and the constant
+    tagline beats it on the paper's cosine. (~30 s alone, free after test_captions)"""
+    blind_dir = lm_fixtures.seeded_head(tmp_path_factory, tiny_backbone, 0, shuffled=True)[0]
+    trained = [_evaluate(capsys, caption_cache_dir, head_dir, split) for split in lm_fixtures.SCORED_SPLITS]
+    blind = [_evaluate(capsys, caption_cache_dir, blind_dir, split) for split in lm_fixtures.SCORED_SPLITS]
+    assert _margin(trained) > _margin(blind) + lm_fixtures.MARGIN_GAP
+    for report in blind:
+        systems = report["scores"]["systems"]
+        assert systems["constant"]["cosine"] > systems["generated"]["cosine"]
+
+
 def test_errors_are_one_line(capsys, caption_cache_dir, head_dir, tiny_lm_dir, tmp_path, monkeypatch):
     code, _, err = run(capsys, "caption", tmp_path / "missing.jpg", "--head", head_dir)
     assert code == 2 and "not an image file" in error_line(err)
