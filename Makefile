@@ -50,10 +50,21 @@ bench-app: setup
 # Mutation testing of the modules named in setup.cfg's [mutmut] (slow: see docs/testing.md).
 # One worker by default; MUTATION_CHILDREN=4 on a machine of your own.
 MUTATION_CHILDREN ?= 1
-# genre.py: only the functions that turn probabilities into predicted genres.
-MUTANTS ?= 'clipposter.metrics.*' 'clipposter.heads.decoding.*' 'clipposter.cache.*' 'clipposter.sources.*' \
-	'clipposter.heads.genre.xǁGenreHeadǁpredict_proba__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁpredict__mutmut_*' \
-	'clipposter.heads.genre.xǁGenreHeadǁthresholds_for__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁdescribe_predictions__mutmut_*'
+# The functions whose silent errors users would see (about 650 mutants, ~30 min on one worker):
+# genre predictions and thresholds, the genre metrics and calibration, caption text clean-up and the
+# LSTM token filter, the cache's append and repair, and the cell parsers of the sources.
+# MUTANTS='clipposter.metrics.*' (a glob per module) widens it to whole files.
+MUTANTS ?= 'clipposter.heads.genre.xǁGenreHeadǁpredict__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁthresholds_for*' \
+	'clipposter.heads.genre.xǁGenreHeadǁdescribe_predictions*' \
+	'clipposter.metrics.x_genre_predictions*' 'clipposter.metrics.x_genre_prf*' 'clipposter.metrics.x_genre_average_precision*' \
+	'clipposter.metrics.x__best_f1_threshold*' 'clipposter.metrics.x_genre_calibrate_thresholds*' \
+	'clipposter.heads.decoding.x_postprocess*' 'clipposter.heads.decoding.xǁWordScheduledTopNǁ__call__*' \
+	'clipposter.cache.xǁ_Matrixǁrepair*' 'clipposter.cache.xǁ_Matrixǁappend*' 'clipposter.cache.xǁ_Matrixǁset_header*' \
+	'clipposter.cache.xǁEmbeddingCacheǁadd_posters*' 'clipposter.cache.xǁEmbeddingCacheǁtext_embeddings*' \
+	'clipposter.sources.x__is_missing*' 'clipposter.sources.x__text*' 'clipposter.sources.x__id_text*' \
+	'clipposter.sources.x__genres*' 'clipposter.sources.x__stem_of*' 'clipposter.sources.x__is_url*' \
+	'clipposter.sources.x__find_column*' 'clipposter.sources.x_normalise_split*' 'clipposter.sources.x_imdb_id*' \
+	'clipposter.sources.x__metadata_genres*'
 mutation: setup
 	$(BIN)/python -m pip install -q -e '.[mutation]' 2>&1 | $(QUIET)
 	HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
