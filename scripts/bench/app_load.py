@@ -7,10 +7,15 @@ posters. With --search-share some requests are text searches (/gradio_api/call/s
 instead. A request counts as an error when any step fails: an HTTP error, a refused or failed
 event, an answer carrying an error, a timeout.
 
+An answer counts only when it carries a real result: an analysis needs a probability in [0, 1] for
+every genre, at least one non-empty tagline and at least one similar poster; a search at least one
+poster, best first. The first answer of each kind is kept in the report ("examples").
+
 Two phases against the same server: a baseline with one client (the latency of a lone request),
 then the load phase (default 20 clients for 30 s, each sending its next request as soon as the last
-one answered). Reported per phase: requests, errors (and the first distinct messages), throughput,
-latency p50/p95/p99/max, and the ratio of loaded to baseline p50. The app runs its models one
+one answered; with --requests N each client sends exactly N requests instead, in both phases).
+Reported per phase: requests, errors (and the first distinct messages), throughput, latency
+p50/p95/p99/max, the app's own model time per request, and the ratio of loaded to baseline p50. The app runs its models one
 request at a time by default, so under load the latency grows with the queue while the throughput
 stays that of one request stream; the target is no errors.
 
@@ -19,7 +24,7 @@ from --run DIR (a folder `clipposter demo` wrote); without --run a small demo ru
 posters, tiny models) is built in a temporary folder first. --url tests an app that is already
 running instead. The posters uploaded are synthetic ones the run has not seen (encoded on the fly).
 
-    python scripts/bench/app_load.py [--run DIR | --url URL] [--concurrency 20] [--duration 30]
+    python scripts/bench/app_load.py [--run DIR | --url URL] [--concurrency 20] [--duration 30 | --requests N]
                                      [--baseline 5] [--search-share 0] [--json]
 
 Exit status 1 when any request errored.
@@ -157,8 +162,15 @@ async def analyse_once(client: httpx.AsyncClient, poster: bytes, name: str, rng:
         client, ANALYSE_API, [{"path": path, "meta": {"_type": "gradio.FileData"}}, strategy, 3, 8]))
     if result.get("error"):
         raise RequestFailed(f"analyse: {result['error']}")
-    if not result.get("probabilities") or not result.get("taglines"):
-        raise RequestFailed(f"analyse: incomplete answer {str(result)[:200]}")
+    probs = result.get("probabilities")
+    if not isinstance(probs, dict) or not probs or not all(
+            isinstance(p, (int, float)) and 0 <= p <= 1 for p in probs.values()):
+        raise RequestFailed(f"analyse: no genre probabilities in [0, 1] in {str(result)[:200]}")
+    taglines = result.get("taglines")
+    if not isinstance(taglines, list) or not taglines or not all(isinstance(t, str) and t.strip() for t in taglines):
+        raise RequestFailed(f"analyse: no taglines in {str(result)[:200]}")
+    if not result.get("neighbours"):
+        raise RequestFailed(f"analyse: no similar posters in {str(result)[:200]}")
     return result
 
 
@@ -166,24 +178,42 @@ async def search_once(client: httpx.AsyncClient, rng: random.Random) -> dict:
     result = result_of(await call_endpoint(client, SEARCH_API, [rng.choice(SEARCH_TEXTS), 8]))
     if result.get("error"):
         raise RequestFailed(f"search: {result['error']}")
+    hits = result.get("results")
+    if not isinstance(hits, list) or not hits or not all(isinstance(h, dict) and h.get("id") for h in hits):
+        raise RequestFailed(f"search: no posters in {str(result)[:200]}")
+    scores = [h.get("score") for h in hits]
+    if scores != sorted(scores, reverse=True):
+        raise RequestFailed(f"search: posters not best first: scores {scores}")
     return result
 
 
+def example(kind: str, result: dict) -> dict:
+    """What the report keeps of an answer: enough to check it against the run."""
+    if kind == "analyse":
+        return {"probabilities": result.get("probabilities"), "predicted": result.get("predicted"),
+                "taglines": result.get("taglines"), "neighbours": [h.get("id") for h in result.get("neighbours", [])],
+                "source": result.get("source")}
+    return {"query": result.get("query"),
+            "results": [{"id": h.get("id"), "score": h.get("score")} for h in result.get("results", [])]}
+
+
 async def run_phase(url: str, posters: list[bytes], *, clients: int, duration: float, search_share: float,
-                    timeout: float, label: str, quiet: bool, seed: int) -> dict:
+                    timeout: float, label: str, quiet: bool, seed: int, requests: int | None = None) -> dict:
+    """Clients send requests back to back: for `duration` seconds, or exactly `requests` each."""
     limits = httpx.Limits(max_connections=clients * 2 + 4, max_keepalive_connections=clients * 2 + 4)
     latencies: list[float] = []
     kinds = {"analyse": 0, "search": 0}
     sources: dict[str, int] = {}
     service_ms: list[float] = []
     errors: list[str] = []
+    examples: dict[str, dict] = {}
     start = time.perf_counter()
     deadline = start + duration
 
     async def worker(i: int, client: httpx.AsyncClient):
         rng = random.Random(seed * 1000 + i)
         n = 0
-        while time.perf_counter() < deadline:
+        while (n < requests) if requests else (time.perf_counter() < deadline):
             t0 = time.perf_counter()
             search = rng.random() < search_share
             try:
@@ -194,7 +224,9 @@ async def run_phase(url: str, posters: list[bytes], *, clients: int, duration: f
                     result = await asyncio.wait_for(analyse_once(client, poster, f"poster-{i}-{n}.jpg", rng), timeout)
                     sources[result.get("source", "?")] = sources.get(result.get("source", "?"), 0) + 1
                 latencies.append(time.perf_counter() - t0)
-                kinds["search" if search else "analyse"] += 1
+                kind = "search" if search else "analyse"
+                kinds[kind] += 1
+                examples.setdefault(kind, example(kind, result))
                 if result.get("elapsed_ms") is not None:
                     service_ms.append(float(result["elapsed_ms"]))
             except asyncio.TimeoutError:
@@ -219,7 +251,7 @@ async def run_phase(url: str, posters: list[bytes], *, clients: int, duration: f
     distinct = list(dict.fromkeys(errors))[:MAX_MESSAGES]
     return {"clients": clients, "seconds": round(wall, 2), "requests": len(latencies) + len(errors),
             "ok": len(latencies), "errors": len(errors), "error_messages": distinct, "kinds": kinds,
-            "sources": sources, "throughput_rps": round(len(latencies) / wall, 2) if wall else 0.0,
+            "sources": sources, "examples": examples, "throughput_rps": round(len(latencies) / wall, 2) if wall else 0.0,
             "latency_ms": summarize(latencies, scale=1000.0),
             "service_ms": summarize(service_ms, scale=1.0)}
 
@@ -266,6 +298,9 @@ def parse_args(argv=None):
     src.add_argument("--url", help="an app that is already running, e.g. http://127.0.0.1:7860")
     ap.add_argument("--concurrency", type=int, default=20, help="clients in the load phase")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of the load phase")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per client in each phase instead of --duration/--baseline seconds "
+                         "(--baseline 0 still skips the baseline)")
     ap.add_argument("--baseline", type=float, default=5.0, help="seconds of the one-client baseline (0: skip)")
     ap.add_argument("--search-share", type=float, default=0.0,
                     help="share of requests that are text searches instead of poster analyses (0 to 1)")
@@ -282,6 +317,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.concurrency < 1 or args.duration <= 0 or args.baseline < 0 or not 0 <= args.search_share <= 1:
         ap.error("--concurrency ≥ 1, --duration > 0, --baseline ≥ 0 and --search-share in [0, 1] please")
+    if args.requests is not None and args.requests < 1:
+        ap.error(f"--requests must be at least 1, got {args.requests}")
     return args
 
 
@@ -304,10 +341,10 @@ def main(argv=None) -> int:
             if args.baseline > 0:
                 phases["baseline"] = asyncio.run(run_phase(
                     url, posters, clients=1, duration=args.baseline, search_share=args.search_share,
-                    timeout=args.timeout, label="baseline", quiet=args.json, seed=args.seed))
+                    timeout=args.timeout, label="baseline", quiet=args.json, seed=args.seed, requests=args.requests))
             phases["load"] = asyncio.run(run_phase(
                 url, posters, clients=args.concurrency, duration=args.duration, search_share=args.search_share,
-                timeout=args.timeout, label="load", quiet=args.json, seed=args.seed + 1))
+                timeout=args.timeout, label="load", quiet=args.json, seed=args.seed + 1, requests=args.requests))
         finally:
             if proc is not None:
                 proc.terminate()
