@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -122,10 +123,50 @@ def test_valid_upload_gives_every_genre_taglines_and_k_neighbours(handlers, anal
     assert d["source"] == "encoded" and d["image"] == posters["poster"].name
     for genre in analyzer.genres:
         assert f'data-genre="{genre}"' in view.chart_html
-    for genre in d["predicted"]:
-        assert f"✓ {genre}" in view.chart_html
+    expected = predicted_by_hand(analyzer, d["probabilities"])
+    assert expected, "the poster must have predicted genres for this test to see them"
+    assert_shows_predicted(view, expected)
     assert view.taglines_html.count("<li>") == 3
     assert posters["poster"].name in view.status
+
+
+def saved_thresholds(analyzer) -> dict[str, float]:
+    """genre → threshold in use, read from the genre head's config.json (not through the head)."""
+    cfg = json.loads((Path(analyzer.run_info["genre_head"]) / "config.json").read_text())
+    th = cfg["thresholds"]
+    cut = th["per_genre"] if th["mode"] == "per-genre" else [th["global"]] * len(cfg["genres"])
+    return dict(zip(cfg["genres"], cut))
+
+
+def predicted_by_hand(analyzer, probabilities: dict[str, float], thresholds: dict | None = None) -> list[str]:
+    """The genres whose probability is >= their threshold, most probable first."""
+    thresholds = thresholds or saved_thresholds(analyzer)
+    assert all(abs(p - thresholds[g]) > 1e-5 for g, p in probabilities.items())  # rounding cannot decide
+    return sorted((g for g, p in probabilities.items() if p >= thresholds[g]), key=lambda g: -probabilities[g])
+
+
+def assert_shows_predicted(view, expected: list[str]) -> None:
+    """The details, the status line and the chart's ticked rows name exactly the expected genres."""
+    assert view.details["predicted"] == expected
+    assert view.status.endswith("Predicted genres: " + (", ".join(expected) or "none above threshold"))
+    rows = re.findall(r'<div class="cp-row( cp-predicted)?" data-genre="([^"]+)"><span class="cp-genre">(✓ )?',
+                      view.chart_html)
+    assert len(rows) == len(view.details["probabilities"])
+    assert {g for cls, g, tick in rows if cls} == {g for cls, g, tick in rows if tick} == set(expected)
+
+
+def test_predicted_genres_are_those_at_or_above_the_thresholds(handlers, analyzer):
+    """Over several posters: exactly the genres at or above the saved thresholds, which here differ
+    from the 0.5 cut's, so a head at the wrong thresholds (or predicting nothing) fails."""
+    differs_from_half = 0
+    for poster_id in analyzer.sample_ids(30):
+        view = handlers.analyse_sample(poster_id, "greedy", 1, 0)
+        assert view.ok, view.error
+        probs = view.details["probabilities"]
+        expected = predicted_by_hand(analyzer, probs)
+        assert_shows_predicted(view, expected)
+        differs_from_half += expected != predicted_by_hand(analyzer, probs, dict.fromkeys(probs, 0.5))
+    assert differs_from_half >= 3, differs_from_half
 
 
 def test_sample_by_id_and_strategies(handlers, analyzer):
@@ -300,6 +341,23 @@ def test_page_in_headless_chromium(served, posters, analyzer, tmp_path):
     from playwright.sync_api import expect
 
     url, _ = served
+    # what the page must name: the genres at or above the saved thresholds, most probable first
+    expected = {name: predicted_by_hand(analyzer, analyzer.analyze_files([posters[name]], k=0)[0].probabilities)
+                for name in ("poster", "poster3")}
+    assert all(expected.values())
+    # and a cached poster whose genres at the saved thresholds differ from those at 0.5
+    telling = next(a for a in analyzer.analyze_ids(analyzer.sample_ids(40), k=0)
+                   if predicted_by_hand(analyzer, a.probabilities)
+                   != predicted_by_hand(analyzer, a.probabilities, dict.fromkeys(a.probabilities, 0.5)))
+    expected["telling"] = predicted_by_hand(analyzer, telling.probabilities)
+
+    def shows_predicted(name: str) -> None:
+        shown = ", ".join(expected[name])
+        expect(page.locator("#cp-status")).to_have_text(re.compile(r"Predicted genres: " + re.escape(shown) + r"\s*$"))
+        ticked = page.locator("#cp-genre-chart .cp-predicted")
+        expect(ticked).to_have_count(len(expected[name]))
+        assert sorted(ticked.evaluate_all("rows => rows.map(r => r.dataset.genre)")) == sorted(expected[name])
+
     outside: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -315,7 +373,7 @@ def test_page_in_headless_chromium(served, posters, analyzer, tmp_path):
             # a poster: genre chart, taglines, neighbour gallery
             file_input.set_input_files(str(posters["poster"]))
             expect(status).to_contain_text(posters["poster"].name)
-            expect(status).to_contain_text("Predicted genres")
+            shows_predicted("poster")
             chart = page.locator("#cp-genre-chart")
             for genre in analyzer.genres:
                 expect(chart.locator(f'[data-genre="{genre}"]')).to_have_count(1)
@@ -347,6 +405,10 @@ def test_page_in_headless_chromium(served, posters, analyzer, tmp_path):
             # still up: another poster, a sample, a text search
             file_input.set_input_files(str(posters["poster3"]))
             expect(status).to_contain_text(posters["poster3"].name)
+            shows_predicted("poster3")
+            file_input.set_input_files(telling.image)
+            expect(status).to_contain_text(telling.id)
+            shows_predicted("telling")
             expect(page.locator("#cp-client-error")).to_be_hidden()
             expect(neighbours).to_have_count(K)
             page.locator("#cp-samples img").first.click()

@@ -105,6 +105,65 @@ def test_predict_cached_and_new_posters(capsys, head_dir, cache_dir, synthetic_s
     assert code == 0 and stdout.startswith(records[0].image + ": ") and "* = above" in stdout
 
 
+def _predicted_by_hand(head_dir, cache_dir, records, setting) -> list[set[str]]:
+    """Genres whose probability is >= their threshold, with the thresholds read from the head's
+    config.json: the saved mode's thresholds by default, else the setting's."""
+    from clipposter.heads.genre import GenreHead
+
+    th = json.loads((head_dir / "config.json").read_text())["thresholds"]
+    head = GenreHead.from_pretrained(head_dir)
+    with EmbeddingCache.open(cache_dir) as cache:
+        probs = head.predict_proba(cache.embeddings_for_ids([r.id for r in records]))
+    chosen = th["mode"] if setting is None else setting
+    cut = {"per-genre": th["per_genre"], "global": [th["global"]] * len(head.genres)}.get(chosen)
+    cut = cut if cut is not None else [float(chosen)] * len(head.genres)
+    return [{g for g, p, t in zip(head.genres, row, cut) if p >= t} for row in probs]
+
+
+def _text_sets(stdout: str, paths: list[str], starred: bool) -> list[set[str]]:
+    """The genres each line of `predict`'s text output names as predicted."""
+    lines = stdout.splitlines()
+    out = []
+    for path, line in zip(paths, lines):
+        assert line.startswith(path + ": "), line
+        shown = line[len(path) + 2:]
+        if starred:  # "Comedy 0.93*, Action 0.65": the starred ones
+            out.append({item.rsplit(" ", 1)[0] for item in shown.split(", ") if item.endswith("*")})
+        elif shown.startswith("(none above threshold"):
+            out.append(set())
+        else:  # "Comedy 0.93, Western 0.47": every listed genre
+            out.append({item.rsplit(" ", 1)[0] for item in shown.split(", ")})
+    assert len(out) == len(paths)
+    return out
+
+
+def test_predict_shows_the_genres_at_or_above_their_threshold(capsys, head_dir, cache_dir, synthetic_set):
+    """JSON, the plain text list and the starred --top-k list, at the saved thresholds, the global
+    one and a fixed cut: each names exactly the genres whose probability reaches the threshold."""
+    _, records = synthetic_set
+    records = records[:40]
+    paths = [r.image for r in records]
+    genres = (head_dir / "genres.txt").read_text().split()
+    seen = {}
+    for setting in (None, "global", "0.5"):
+        expected = _predicted_by_hand(head_dir, cache_dir, records, setting)
+        flag = [] if setting is None else ["--threshold", setting]
+        code, stdout, err = run(capsys, "predict", *paths, "--head", head_dir, "--cache", cache_dir, *flag, "--json")
+        assert code == 0, err
+        payload = json.loads(stdout)
+        assert [p["path"] for p in payload["predictions"]] == paths
+        assert [set(p["predicted"]) for p in payload["predictions"]] == expected, setting
+        code, stdout, _ = run(capsys, "predict", *paths, "--head", head_dir, "--cache", cache_dir, *flag)
+        assert code == 0 and _text_sets(stdout, paths, starred=False) == expected, setting
+        code, stdout, _ = run(capsys, "predict", *paths, "--head", head_dir, "--cache", cache_dir, *flag,
+                              "--top-k", len(genres))
+        assert code == 0 and _text_sets(stdout, paths, starred=True) == expected, setting
+        seen[setting] = expected
+    # the posters tell the settings apart, and genres are predicted: a wrong threshold or an empty list shows
+    assert seen[None] != seen["global"] != seen["0.5"] != seen[None]
+    assert sum(map(len, seen[None])) >= len(records)
+
+
 def test_predict_unreadable_posters(capsys, head_dir, cache_dir, synthetic_set, tmp_path):
     _, records = synthetic_set
     bad = tmp_path / "empty.jpg"

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,6 +304,41 @@ def test_build_report_from_a_run(demo_run, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]  # no temporary file left
     assert fallback["split"] == "all" and fallback["posters"] == 2
     assert "showing posters of every split" in (tmp_path / "all.html").read_text()
+
+
+def _chips(card: str) -> dict[str, set[str]]:
+    found = re.findall(r'<span class="chip (ok|miss|wrong|pred)"[^>]*>(?:[✓○✗] )?([^<]+)</span>', card)
+    return {kind: {g for k, g in found if k == kind} for kind in ("ok", "miss", "wrong", "pred")}
+
+
+def test_report_chips_show_the_genres_at_or_above_the_heads_thresholds(demo_run, tmp_path):
+    """Each card's chips: ✓ labelled and predicted, ○ labelled only, ✗ predicted only, where predicted
+    means probability >= the threshold saved in the head's config.json, computed here."""
+    from clipposter.analysis import PosterAnalyzer, read_run
+
+    cfg = json.loads((Path(read_run(demo_run)["genre_head"]) / "config.json").read_text())
+    th = cfg["thresholds"]
+    cut = np.asarray(th["per_genre"] if th["mode"] == "per-genre" else [th["global"]] * len(cfg["genres"]))
+    out = tmp_path / "r.html"
+    with PosterAnalyzer.from_run(demo_run) as analyzer:
+        build_report(analyzer, out, split="train", limit=40, k=0, evaluate=False)
+        html = out.read_text()
+        ids = re.findall(r'<span class="pid">([^<]+)</span>', html)
+        records = {r.id: r for r in analyzer.cache.records()}
+        probs = analyzer.genre_head.predict_proba(analyzer.cache.embeddings_for_ids(ids))
+    assert len(ids) == 40 and analyzer.genre_head.genres == cfg["genres"]
+    cards = html.split('<article class="card"')[1:]
+    differs_from_half = 0
+    for poster_id, card, p in zip(ids, cards, probs):
+        assert f'<span class="pid">{poster_id}</span>' in card
+        predicted = {g for g, v, t in zip(cfg["genres"], p, cut) if v >= t}
+        true = set(records[poster_id].genres)
+        chips = _chips(card)
+        assert chips == {"ok": true & predicted, "miss": true - predicted, "wrong": predicted - true, "pred": set()}
+        assert ('no genre predicted' in card) == (not true and not predicted)
+        differs_from_half += predicted != {g for g, v in zip(cfg["genres"], p) if v >= 0.5}
+    # the posters tell the saved thresholds from 0.5 apart: a wrong threshold cannot pass
+    assert differs_from_half >= 3, differs_from_half
 
 
 def test_cli_report_of_a_run(demo_run, tmp_path, monkeypatch, capsys):
