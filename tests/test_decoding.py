@@ -209,3 +209,36 @@ def test_word_scheduled_top_n_handles_ids_beyond_the_table():
     scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0, 8.0]])  # best id 4 is outside the table
     out = proc(torch.tensor([[0, 7]]), scores.clone())
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [4]
+
+
+def test_word_count_starts_at_the_first_generated_token():
+    # A schedule that samples only for the first word: top 3 before anything is generated, greedy
+    # once one token (word 1) exists, whatever that token is.
+    starts = torch.tensor([True, False, False, True])
+    first_word_only = WordScheduledTopN(starts, schedule=((1, 3),))
+    scores = torch.tensor([[4.0, 1.0, 2.0, 3.0]])  # best id 0 starts a word
+    assert torch.isfinite(first_word_only(torch.zeros((1, 0), dtype=torch.long), scores.clone())).sum() == 3
+    assert torch.isfinite(first_word_only(torch.tensor([[1]]), scores.clone())).sum() == 1
+    assert torch.isfinite(first_word_only(torch.tensor([[0]]), scores.clone())).sum() == 1
+
+
+def test_word_count_reads_the_first_and_last_ids_of_the_table():
+    starts = torch.tensor([True, False, False, True])
+    two_words = WordScheduledTopN(starts, schedule=((2, 3),))
+    scores = torch.tensor([[4.0, 1.0, 2.0, 3.0]])
+    # [2, 0]: id 0 starts word 2 -> greedy; [2, 3]: id 3 (the table's last) starts word 2 -> greedy.
+    assert torch.isfinite(two_words(torch.tensor([[2, 0]]), scores.clone())).sum() == 1
+    assert torch.isfinite(two_words(torch.tensor([[2, 3]]), scores.clone())).sum() == 1
+    # [2, 1]: still word 1 -> top 3.
+    assert torch.isfinite(two_words(torch.tensor([[2, 1]]), scores.clone())).sum() == 3
+
+
+def test_each_row_decides_from_its_own_best_token():
+    # Row 0's best token continues a word (greedy), row 1's best starts one (top 4): one batch.
+    starts = torch.tensor([True] * 10 + [False] * 10)
+    proc = WordScheduledTopN(starts)
+    continuation_best = torch.arange(20).float()
+    word_start_best = torch.cat([torch.arange(10, 20), torch.arange(10)]).float()
+    out = proc(torch.tensor([[1], [1]]), torch.stack([continuation_best, word_start_best]))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [19]
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [6, 7, 8, 9]

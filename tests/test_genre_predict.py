@@ -135,3 +135,30 @@ def test_described_prediction_ranks_rounds_and_cuts():
     assert h.describe_predictions(["a"], probs, ["cache"], top_k=0)[0].top == []
     assert h.describe_predictions(["a"], probs, ["cache"], top_k=-2)[0].top == []
     assert [x.path for x in h.describe_predictions(["a", "b"], np.vstack([probs, probs]), ["cache", "cache"])] == ["a", "b"]
+
+
+def test_described_prediction_uses_the_threshold_asked_for():
+    h = head(thresholds=THRESHOLDS)
+    (g,) = h.describe_predictions(["a"], PROBS[2:3], ["cache"], threshold="global")
+    assert g.predicted == ["Drama", "Action"]  # 0.65, 0.62 >= 0.6; Comedy 0.58 is not
+    (n,) = h.describe_predictions(["a"], PROBS[2:3], ["cache"], threshold=0.55)
+    assert n.predicted == ["Drama", "Action", "Comedy"]
+    (c,) = h.describe_predictions(["a"], PROBS[2:3], ["cache"])
+    assert c.predicted == ["Action", "Comedy"]  # per-genre 0.3 and 0.5; Drama 0.65 < 0.7
+
+
+def test_ranking_of_many_tied_genres_keeps_vocabulary_order():
+    genres = [f"g{i:02d}" for i in range(40)]
+    many = GenreHead("ml-decoder", genres, Identity(), identity=BackboneIdentity(
+        model="m", weights="sha256:aa", image_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+        interpolation="bicubic", resize_mode="shortest", embed_dim=40), backbone_spec=None)
+    p = np.full(40, 0.5)
+    p[[3, 17, 30]] = 0.9
+    (d,) = many.describe_predictions(["a"], p[None], ["cache"], top_k=8)
+    assert [g for g, _ in d.top] == ["g03", "g17", "g30", "g00", "g01", "g02", "g04", "g05"]
+    assert d.predicted == ["g03", "g17", "g30"] + [g for i, g in enumerate(genres) if i not in (3, 17, 30)]
+
+
+def test_top_probabilities_are_rounded_to_six_decimals():
+    (d,) = head().describe_predictions(["a"], np.array([[0.123456789, 0.9876543211, 0.5, 0.25]]), ["cache"])
+    assert d.top == [("Comedy", 0.987654), ("Drama", 0.5), ("Horror", 0.25), ("Action", 0.123457)]
