@@ -12,3 +12,13 @@ class PosterError(ClipposterError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(ClipposterError, ValueError):
+    """A setting with a value that cannot work. `field` names the parameter as the Python API spells it
+    (`num_heads`); the CLI prints the flag that sets it (`--heads`) in its place."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field} {problem}")
