@@ -167,3 +167,22 @@ def test_evaluation_is_written_as_json_with_its_chart(tmp_path):
     assert not list((tmp_path / "eval").glob("*.tmp"))
     bare = write_genre_evaluation(_report(False), GENRES, tmp_path / "b.json", chart=tmp_path / "c.png")
     assert bare["chart"] is None and not (tmp_path / "c.png").exists()
+
+
+def test_calibration_skips_cuts_that_catch_no_positive():
+    # The highest cut (>= 0.9) has precision and recall 0: its F1 is 0, not 0/0.
+    out = genre_calibrate_thresholds(np.array([[0], [1]]), np.array([[0.9], [0.2]]))
+    assert out["per_genre"] == [pytest.approx(0.2)]
+
+
+def test_calibration_can_choose_a_cut_whose_precision_and_recall_sum_to_one():
+    # >= 0.8: P .5, R .5, F1 .5 (P + R = 1) beats predicting everything (P .2, R 1, F1 .333).
+    y = np.array([[0], [1], [0], [0], [0], [0], [0], [0], [0], [1]])
+    s = np.array([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2], [0.15], [0.1]])
+    assert genre_calibrate_thresholds(y, s)["per_genre"] == [pytest.approx(0.75)]
+
+
+def test_calibration_on_a_single_labelled_poster():
+    out = genre_calibrate_thresholds(np.array([[1, 0]]), np.array([[0.3, 0.8]]))
+    assert out == {"per_genre": [pytest.approx(0.3), pytest.approx(0.3)], "global": pytest.approx(0.3),
+                   "fallback_genres": [1]}

@@ -120,3 +120,19 @@ def test_missing_values_of_every_kind_give_no_genres_or_text(tmp_path):
     records = from_manifest(path)
     assert [r.title for r in records] == [None, None, None] and all(r.genres == [] for r in records)
     assert not any(isinstance(r.title, float) and math.isnan(r.title) for r in records)
+
+
+def test_missing_cells_of_pandas_string_columns_are_none_not_na_text(tmp_path):
+    # Parquet files written from pandas' "string" dtype read back with pd.NA for missing cells.
+    path = _manifest(tmp_path, "m.parquet", id=pd.array(["a", "b"], dtype="string"),
+                     image=pd.array(["a.jpg", "b.jpg"], dtype="string"),
+                     genres=pd.array(["Drama|War", None], dtype="string"),
+                     tagline=pd.array([None, "Run."], dtype="string"))
+    records = from_manifest(path)
+    assert [r.genres for r in records] == [["Drama", "War"], []]
+    assert [r.tagline for r in records] == [None, "Run."]
+
+
+def test_plain_http_images_are_urls(tmp_path):
+    (record,) = from_manifest(_manifest(tmp_path, id=["a"], image=["http://img.example/a.jpg"]))
+    assert record.url == "http://img.example/a.jpg" and record.image is None
