@@ -116,3 +116,11 @@ def test_embeddings_of_another_width_are_refused_before_anything_is_written(tmp_
         with pytest.raises(ValueError, match=r"^expected rows of width 4, got shape \(2, 3\)$"):
             c.add_posters(["a", "b"], np.ones((2, 3), np.float32))
         assert c.num_posters == 0 and (tmp_path / "c" / "images.npy").stat().st_size == 128
+
+
+def test_text_embeddings_are_float32_whatever_the_stored_dtype(tmp_path):
+    with EmbeddingCache.open(tmp_path / "c", ident()) as c:  # float16 on disk
+        got = c.text_embeddings(["a", "b"], backbone=Encoder(ident()))
+        assert got.dtype == np.float32 and got.shape == (2, 4)
+        none = c.text_embeddings([])
+        assert none.dtype == np.float32 and none.shape == (0, 4)

@@ -29,6 +29,11 @@ def _manifest(tmp_path, name="m.csv", **columns):
     ("https://img.example/p/w500/big.jpg?size=2", "big"),  # URL: the path's stem, no query
     ("HTTPS://IMG.EXAMPLE/p/Up.JPG", "Up"),
     ("https://img.example/p/film.tar.gz", "film.tar"),
+    ("https://img.example/p/alien/", "alien"),  # a trailing slash: the last path segment
+    ("https://img.example/p/REX/", "REX"),
+    ("posters/Who?.jpg", "Who?"),  # a local file name is not parsed as a URL
+    ("posters/No#1.jpg", "No#1"),
+    ("posters/X.jpg", "X"),
 ])
 def test_id_is_the_file_stem_when_the_manifest_has_no_id_column(tmp_path, location, expected_id):
     (record,) = from_manifest(_manifest(tmp_path, image=[location]))
