@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ClipposterError, PosterError
-from .records import PosterRecord
+from clipposter.errors import ClipposterError, PosterError
+from clipposter.records import PosterRecord
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
@@ -102,11 +102,11 @@ class PosterAnalyzer:
     def open(cls, cache_dir: str | os.PathLike, genre_head_dir: str | os.PathLike,
              caption_head_dir: str | os.PathLike, *, pretrained: str | None = None, device: str = "auto",
              backbone=None, progress: bool = False, run_info: dict | None = None) -> "PosterAnalyzer":
-        from .backbone import resolve_device
-        from .cache import EmbeddingCache
-        from .heads.caption import CaptionHead
-        from .heads.genre import GenreHead
-        from .search import PosterIndex
+        from clipposter.embedding.backbone import resolve_device
+        from clipposter.embedding.cache import EmbeddingCache
+        from clipposter.heads.caption.model import CaptionHead
+        from clipposter.heads.genre.head import GenreHead
+        from clipposter.search.index import PosterIndex
 
         for what, path in (("cache", cache_dir), ("genre head", genre_head_dir), ("caption head", caption_head_dir)):
             if not Path(path).is_dir():
@@ -144,7 +144,7 @@ class PosterAnalyzer:
 
     @property
     def strategies(self) -> tuple[str, ...]:
-        from .heads.decoding import DEFAULT_STRATEGY, STRATEGIES
+        from clipposter.heads.caption.decoding import DEFAULT_STRATEGY, STRATEGIES
 
         return (DEFAULT_STRATEGY,) + tuple(s for s in STRATEGIES if s != DEFAULT_STRATEGY)
 
@@ -153,7 +153,7 @@ class PosterAnalyzer:
         """The cache's backbone, loaded on first need (text queries, posters the cache lacks)."""
         with self._lock:
             if self._backbone is None:
-                from .backbone import load_backbone_like
+                from clipposter.embedding.backbone import load_backbone_like
 
                 self._backbone = load_backbone_like(self.cache.identity, self.cache.backbone_spec,
                                                     pretrained=self._pretrained, device=self._device)
@@ -206,7 +206,7 @@ class PosterAnalyzer:
 
     def _backbone_if_needed(self, paths: Sequence[str]):
         """The backbone only when some file is not cached, so cached posters never load it."""
-        from .images import content_hash, read_bytes
+        from clipposter.ingest.images import content_hash, read_bytes
 
         for path in paths:
             try:
@@ -224,7 +224,7 @@ class PosterAnalyzer:
     def _analyze(self, vectors: np.ndarray, exclude: list[list[str]], records: list[PosterRecord | None],
                  images: list[str | None], sources: list[str], *, strategy: str, num_return: int, k: int,
                  seed: int, threshold) -> list[PosterAnalysis]:
-        from .heads.decoding import decoding_preset
+        from clipposter.heads.caption.decoding import decoding_preset
 
         if not len(vectors):
             return []

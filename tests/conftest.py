@@ -11,8 +11,8 @@ import pytest
 
 import lm_fixtures
 
-from clipposter.backbone import TINY_MODEL, load_backbone, save_tiny_backbone
-from clipposter.synthetic import generate_posters
+from clipposter.embedding.backbone import TINY_MODEL, load_backbone, save_tiny_backbone
+from clipposter.ingest.synthetic import generate_posters
 
 
 _HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
@@ -88,7 +88,7 @@ def demo_run(tmp_path_factory, tiny_backbone):
     synthetic posters, with the tiny backbone loaded from its checkpoint and a tiny GPT-2; read-only.
     The LM is the tiny one whatever the machine's HF cache holds: the suite's cache is empty (see
     pytest_configure)."""
-    from clipposter.demo import run_demo
+    from clipposter.pipeline import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
     with lm_fixtures.single_thread():

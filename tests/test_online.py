@@ -98,7 +98,7 @@ def test_the_suite_runs_on_an_empty_offline_hf_cache():
     so no fixture changes behaviour with what the machine's cache holds."""
     from huggingface_hub import constants
 
-    from clipposter.demo import _in_hf_cache, hub_reachable
+    from clipposter.pipeline import _in_hf_cache, hub_reachable
 
     cache = Path(os.environ["HF_HUB_CACHE"])
     assert Path(os.environ["HF_HOME"]).name.startswith("clipposter-test-hf-") and cache.parent == Path(os.environ["HF_HOME"])
@@ -166,7 +166,7 @@ def gpt2_after_model_only():
     # What the demo's first run leaves behind before it asks for the tokenizer: the model's files only.
     from huggingface_hub import hf_hub_download
     from clipposter.errors import ClipposterError
-    from clipposter.heads.caption import load_language_model
+    from clipposter.heads.caption.model import load_language_model
 
     for name in ("config.json", "model.safetensors"):
         hf_hub_download("gpt2", name)
@@ -183,7 +183,7 @@ def gpt2_after_model_only():
 
 
 def backbones():
-    from clipposter.backbone import load_backbone
+    from clipposter.embedding.backbone import load_backbone
 
     res = {}
     for key, name, tag in (("openai", "ViT-B-32", "openai"), ("hf_hub", "hf-hub:clipposter-test/tiny-clip", None)):
@@ -275,7 +275,7 @@ def endpoint(monkeypatch):
 
 
 def test_probe_asks_the_endpoint_the_libraries_use(endpoint):
-    from clipposter.demo import hub_reachable
+    from clipposter.pipeline import hub_reachable
 
     with HubStub() as hub:
         endpoint(hub.endpoint)
@@ -291,8 +291,8 @@ def test_probe_asks_the_endpoint_the_libraries_use(endpoint):
 
 def test_a_hub_that_never_answers_gives_the_one_line_fallback_fast(endpoint):
     """The demo's order: probe (3 s at most), then pick the backbone with the probe's answer."""
-    from clipposter.backbone import TINY_MODEL
-    from clipposter.demo import hub_reachable, pick_backbone
+    from clipposter.embedding.backbone import TINY_MODEL
+    from clipposter.pipeline import hub_reachable, pick_backbone
 
     with HubStub(mode="hang") as stub:
         endpoint(stub.endpoint)
@@ -309,7 +309,7 @@ def test_a_hub_that_never_answers_gives_the_one_line_fallback_fast(endpoint):
 FALLBACK_SCRIPT = r'''
 import json, sys, time
 from pathlib import Path
-from clipposter.demo import hub_reachable, pick_backbone, pick_lm
+from clipposter.pipeline import hub_reachable, pick_backbone, pick_lm
 
 started = time.perf_counter()
 online = hub_reachable()

@@ -1,0 +1,5 @@
+import sys
+
+from clipposter.cli.main import main
+
+sys.exit(main())

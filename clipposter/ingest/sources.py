@@ -1,0 +1,494 @@
+"""Turn the places posters live into `PosterRecord`s.
+
+Four inputs are understood: a folder of images, a CSV/TSV/Parquet manifest, the two Kaggle tables
+the seed paper joined ("Movie Genre from its Poster" and "The Movies Dataset"), and `load_source`,
+which picks one of those from a single command-line spec. Every reader can fill a `SourceStats`
+so the CLI can say how many rows were dropped and why instead of failing on dirty real-world data.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+from clipposter.errors import ClipposterError
+from clipposter.ingest.images import IMAGE_EXTENSIONS
+from clipposter.records import DEFAULT_FRACTIONS, PosterRecord, assign_splits, clean_text, parse_genres
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+KAGGLE_GENRE_FILE = "MovieGenre.csv"
+KAGGLE_METADATA_FILE = "movies_metadata.csv"
+KAGGLE_POSTER_DIR = "posters"
+
+# Accepted spellings of the three split names, compared after strip().lower().
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
+    "test": "test", "testing": "test",
+}
+
+# Column defaults of from_manifest; a name that differs from its default was asked for explicitly
+# and must exist, while a missing default column just means the manifest has no such field.
+_DEFAULT_COLUMNS = {
+    "id": "id", "image": "image", "genres": "genres", "tagline": "tagline",
+    "overview": "overview", "split": "split", "title": "title", "url": "url",
+}
+
+
+@dataclass
+class SourceStats:
+    """What a reader saw: rows read, rows dropped and why. Readers add to it, never reset it."""
+
+    rows_read: int = 0
+    rows_skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        self.rows_skipped += count
+        self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+    def summary(self) -> str:
+        """One line for the CLI, e.g. `read 12 rows, skipped 2 (duplicate imdbId: 2)`."""
+        line = f"read {self.rows_read} rows, skipped {self.rows_skipped}"
+        if self.reasons:
+            line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) + ")"
+        return line
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- cell helpers
+
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _text(value: Any) -> str | None:
+    """clean_text that also treats pandas' NA markers as missing (str(pd.NA) would be '<NA>')."""
+    return None if _is_missing(value) else clean_text(value)
+
+
+def _id_text(value: Any) -> str | None:
+    """An id as text; integral floats (Parquet int columns with gaps) lose their '.0'."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return clean_text(value)
+
+
+def _genres(value: Any) -> list[str]:
+    return [] if _is_missing(value) else parse_genres(value)
+
+
+def _stem_of(location: str) -> str | None:
+    """The file stem of a path or URL, used as the id when a manifest has no id column."""
+    path = urlsplit(location).path if _is_url(location) else location
+    name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return stem or None
+
+
+def _is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://"))
+
+
+def _find_column(columns: Sequence[Any], name: str | None) -> str | None:
+    """Exact column name first, then a case- and space-insensitive match."""
+    if not name:
+        return None
+    if name in columns:
+        return name
+    folded = {str(c).strip().lower(): c for c in columns}
+    return folded.get(name.strip().lower())
+
+
+def _column_list(columns: Sequence[Any]) -> str:
+    return ", ".join(repr(str(c)) for c in columns) or "none"
+
+
+def read_table(path: str | os.PathLike, *, encoding: str | None = None) -> pd.DataFrame:
+    """A CSV/TSV (all cells as text) or Parquet table; CSVs fall back from UTF-8 to Latin-1."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            raise ClipposterError(f"{path}: cannot read as Parquet ({exc}); check the file is a Parquet table") from exc
+    if suffix not in (".csv", ".tsv"):
+        raise ClipposterError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .parquet")
+    # Latin-1 decodes any byte, so it is the last resort: the Kaggle MovieGenre.csv is Latin-1.
+    encodings = [encoding] if encoding else ["utf-8-sig", "latin-1"]
+    for enc in encodings:
+        try:
+            # Only empty cells are missing: 'NA' or 'None' can be real titles or ids.
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, encoding=enc,
+                               keep_default_na=False, na_values=[""], low_memory=False)
+        except UnicodeDecodeError:
+            if enc == encodings[-1]:
+                raise ClipposterError(f"{path}: not readable as {enc}; pass the right --encoding") from None
+        except LookupError:
+            raise ClipposterError(f"{path}: unknown encoding {enc!r}; pass a Python codec name") from None
+        except pd.errors.EmptyDataError:
+            raise ClipposterError(f"{path}: the file is empty; expected a header row and data rows") from None
+        except pd.errors.ParserError as exc:
+            raise ClipposterError(f"{path}: malformed {suffix[1:].upper()} ({exc}); fix the quoting of that line") from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+# --------------------------------------------------------------------------- folder
+
+def from_folder(root: str | os.PathLike, recursive: bool = True, *,
+                stats: SourceStats | None = None) -> list[PosterRecord]:
+    """Every image under `root` (by suffix, hidden files and folders skipped), sorted by path.
+
+    The id is the path relative to root without its suffix, with "/" separators, so the same
+    tree gives the same ids on every OS; the image is the absolute path.
+    """
+    stats = stats if stats is not None else SourceStats()
+    base = Path(root).expanduser()
+    if not base.exists():
+        raise ClipposterError(f"{base}: poster folder not found; check the path")
+    if not base.is_dir():
+        raise ClipposterError(f"{base}: not a folder; pass a folder of images or a manifest file")
+    base = base.absolute()
+
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        # Pruning in place stops os.walk from descending into hidden or (non-recursive) subfolders.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            stats.rows_read += 1
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                stats.skip("not an image file")
+                continue
+            found.append((path.relative_to(base).as_posix(), path))
+    found.sort()
+
+    records: list[PosterRecord] = []
+    seen: dict[str, str] = {}
+    for rel, path in found:
+        record_id = rel[: -len(path.suffix)] if path.suffix else rel
+        if record_id in seen:
+            raise ClipposterError(f"{base}: {seen[record_id]} and {rel} both give id {record_id!r}; "
+                                  f"rename or remove one of them")
+        seen[record_id] = rel
+        records.append(PosterRecord(id=record_id, image=str(path)))
+    return records
+
+
+# --------------------------------------------------------------------------- manifest
+
+def normalise_split(value: Any) -> str | None:
+    """'val'/'valid'/'validation'/'dev' -> 'validation' etc.; empty -> None; unknown -> ValueError."""
+    text = _text(value)
+    if text is None:
+        return None
+    split = SPLIT_ALIASES.get(text.lower())
+    if split is None:
+        raise ValueError(text)
+    return split
+
+
+def from_manifest(path: str | os.PathLike, *, id_col: str | None = "id", image_col: str | None = "image",
+                  genres_col: str | None = "genres", tagline_col: str | None = "tagline",
+                  overview_col: str | None = "overview", split_col: str | None = "split",
+                  title_col: str | None = "title", url_col: str | None = "url",
+                  image_root: str | os.PathLike | None = None, encoding: str | None = None,
+                  stats: SourceStats | None = None) -> list[PosterRecord]:
+    """Records from a CSV, TSV or Parquet manifest with one row per poster.
+
+    Columns are matched by name (exactly, else ignoring case); a column left at its default name
+    may be absent, one named explicitly must exist, and None ignores that field. Without an id
+    column the id is the stem of the image path (or URL). Relative image paths resolve against
+    `image_root`, else the manifest's folder. Rows with neither image nor URL are skipped and
+    counted in `stats`; duplicate ids and unknown split names are errors.
+    """
+    stats = stats if stats is not None else SourceStats()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClipposterError(f"{path}: manifest not found; check the path")
+    table = read_table(path, encoding=encoding)
+    columns = list(table.columns)
+
+    wanted = {"id": id_col, "image": image_col, "genres": genres_col, "tagline": tagline_col,
+              "overview": overview_col, "split": split_col, "title": title_col, "url": url_col}
+    cols: dict[str, str | None] = {}
+    for name, requested in wanted.items():
+        cols[name] = _find_column(columns, requested)
+        if cols[name] is None and requested and requested != _DEFAULT_COLUMNS[name]:
+            raise ClipposterError(f"{path}: no column {requested!r} for {name} (found: {_column_list(columns)}); "
+                                  f"pass the right name with --{name}-col")
+    if cols["image"] is None and cols["url"] is None:
+        raise ClipposterError(f"{path}: no image or url column (found: {_column_list(columns)}); "
+                              f"name yours with --image-col (or --url-col) and --id-col")
+
+    base = Path(image_root).expanduser().absolute() if image_root is not None else path.parent.absolute()
+    is_csv = path.suffix.lower() in (".csv", ".tsv")
+
+    def where(i: int) -> str:  # CSV line numbers count the header; Parquet rows are 1-based
+        return f"line {i + 2}" if is_csv else f"row {i + 1}"
+
+    def column(name: str) -> list[Any]:
+        col = cols[name]
+        return table[col].tolist() if col is not None else [None] * len(table)
+
+    data = {name: column(name) for name in wanted}
+    records: list[PosterRecord] = []
+    first_seen: dict[str, int] = {}
+    for i in range(len(table)):
+        stats.rows_read += 1
+        image = _text(data["image"][i])
+        url = _text(data["url"][i])
+        if image is not None and _is_url(image):
+            # An image column holding URLs is a download list, not local files.
+            url, image = url or image, None
+        if image is not None:
+            image_path = Path(image).expanduser()
+            image = os.path.normpath(image_path if image_path.is_absolute() else base / image_path)
+        if image is None and url is None:
+            stats.skip("no image or url")
+            continue
+        record_id = _id_text(data["id"][i]) or _stem_of(image or url or "")
+        if record_id is None:
+            stats.skip("no id")
+            continue
+        if record_id in first_seen:
+            raise ClipposterError(f"{path}: duplicate id {record_id!r} ({where(first_seen[record_id])} and {where(i)}); "
+                                  f"ids must be unique, remove or rename one")
+        first_seen[record_id] = i
+        try:
+            split = normalise_split(data["split"][i])
+        except ValueError as exc:
+            raise ClipposterError(f"{path}: {where(i)}: unknown split {str(exc)!r} in column {cols['split']!r}; "
+                                  f"use train, validation (or val/valid) or test") from None
+        records.append(PosterRecord(
+            id=record_id, image=image, genres=_genres(data["genres"][i]),
+            tagline=_text(data["tagline"][i]), overview=_text(data["overview"][i]),
+            split=split, title=_text(data["title"][i]), url=url))
+    return records
+
+
+# --------------------------------------------------------------------------- Kaggle tables
+
+_IMDB_NUMBER = re.compile(r"(?:tt)?0*(\d{1,9})(?:\.0+)?", re.IGNORECASE)
+_IMDB_ID = re.compile(r"tt\d{7,9}")
+
+
+def imdb_id(value: Any) -> str | None:
+    """'tt' + 7-digit zero-padded IMDb number from 114709, '114709', 'tt0114709'; else None."""
+    text = _id_text(value)
+    if text is None:
+        return None
+    match = _IMDB_NUMBER.fullmatch(text)
+    if match is None or int(match.group(1)) == 0:
+        return None
+    return f"tt{int(match.group(1)):07d}"
+
+
+def _metadata_genres(value: Any) -> list[str] | None:
+    """Names from "[{'id': 16, 'name': 'Animation'}]"; None when the cell is malformed.
+
+    ast.literal_eval, never eval: the cell is untrusted text.
+    """
+    text = _text(value)
+    if text is None:
+        return []
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(parsed, list):
+        return None
+    names: list[str] = []
+    for item in parsed:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        names.append(item["name"].strip())
+    return names
+
+
+def _poster_files(poster_dir: Path) -> dict[str, str]:
+    """Stem -> image path in poster_dir, preferring .jpg (the paper's files) over other suffixes."""
+    order = [".jpg", ".jpeg"] + sorted(IMAGE_EXTENSIONS - {".jpg", ".jpeg"})
+    best: dict[str, tuple[int, str]] = {}
+    with os.scandir(poster_dir) as entries:
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            suffix = suffix.lower()
+            if entry.name.startswith(".") or suffix not in IMAGE_EXTENSIONS or not entry.is_file():
+                continue
+            rank = order.index(suffix) if suffix in order else len(order)
+            if stem not in best or rank < best[stem][0]:
+                best[stem] = (rank, os.path.abspath(entry.path))
+    return {stem: p for stem, (_, p) in best.items()}
+
+
+def _metadata_by_id(path: Path, encoding: str | None, stats: SourceStats) -> dict[str, dict[str, Any]]:
+    table = read_table(path, encoding=encoding)
+    columns = list(table.columns)
+    id_col = _find_column(columns, "imdb_id")
+    if id_col is None:
+        raise ClipposterError(f"{path}: no 'imdb_id' column (found: {_column_list(columns)}); "
+                              f"expected movies_metadata.csv from The Movies Dataset")
+    genres_col = _find_column(columns, "genres")
+    texts = {name: _find_column(columns, name) for name in ("tagline", "overview", "title")}
+    name = path.name
+    by_id: dict[str, dict[str, Any]] = {}
+    ids = table[id_col].tolist()
+    genres = table[genres_col].tolist() if genres_col else [None] * len(table)
+    text_values = {k: (table[c].tolist() if c else [None] * len(table)) for k, c in texts.items()}
+    for i, raw_id in enumerate(ids):
+        stats.rows_read += 1
+        text_id = _text(raw_id)
+        # Shifted rows in the wild put dates or numbers here; only a real tt-id can be joined.
+        if text_id is None or not _IMDB_ID.fullmatch(text_id):
+            stats.skip(f"{name}: malformed imdb_id")
+            continue
+        if _metadata_genres(genres[i]) is None:
+            stats.skip(f"{name}: malformed genres")
+            continue
+        key = imdb_id(text_id)
+        if key in by_id:
+            stats.skip(f"{name}: duplicate imdb_id")
+            continue
+        by_id[key] = {k: _text(v[i]) for k, v in text_values.items()}
+    return by_id
+
+
+def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | os.PathLike | None = None,
+                poster_dir: str | os.PathLike | None = None, join: str = "inner", *,
+                encoding: str | None = None, stats: SourceStats | None = None) -> list[PosterRecord]:
+    """Records from the seed paper's Kaggle tables, joined by IMDb id.
+
+    Poster URL, title and genres come from MovieGenre.csv ("Movie Genre from its Poster"; ids
+    become tt + 7 digits, repeated imdbIds keep the first row); tagline and overview come from
+    movies_metadata.csv ("The Movies Dataset"), whose malformed rows are skipped and counted.
+    `join="inner"` keeps posters with metadata (the paper's setup), `"left"` keeps all posters.
+    Genres stay IMDb's (MovieGenre): TMDB's names differ ("Science Fiction" vs "Sci-Fi").
+    With `poster_dir`, image is poster_dir/<id>.jpg (or another image suffix) when it exists.
+    """
+    stats = stats if stats is not None else SourceStats()
+    if join not in ("inner", "left"):
+        raise ClipposterError(f"unknown join {join!r}; use 'inner' (posters with metadata) or 'left' (all posters)")
+    genre_path = Path(movie_genre_csv).expanduser()
+    if not genre_path.is_file():
+        raise ClipposterError(f"{genre_path}: {KAGGLE_GENRE_FILE} not found; download 'Movie Genre from its Poster' from Kaggle")
+    meta_path = Path(movies_metadata_csv).expanduser() if movies_metadata_csv is not None else None
+    if meta_path is not None and not meta_path.is_file():
+        raise ClipposterError(f"{meta_path}: {KAGGLE_METADATA_FILE} not found; download 'The Movies Dataset' from Kaggle")
+    posters: dict[str, str] = {}
+    if poster_dir is not None:
+        poster_path = Path(poster_dir).expanduser()
+        if not poster_path.is_dir():
+            raise ClipposterError(f"{poster_path}: poster folder not found; download posters first or omit it")
+        posters = _poster_files(poster_path)
+
+    table = read_table(genre_path, encoding=encoding)
+    columns = list(table.columns)
+    cols = {k: _find_column(columns, k) for k in ("imdbId", "Genre", "Poster", "Title")}
+    missing = [k for k in ("imdbId", "Genre", "Poster") if cols[k] is None]
+    if missing:
+        raise ClipposterError(f"{genre_path}: missing column(s) {', '.join(missing)} (found: {_column_list(columns)}); "
+                              f"expected MovieGenre.csv from 'Movie Genre from its Poster'")
+    metadata = _metadata_by_id(meta_path, encoding, stats) if meta_path is not None else None
+
+    name = genre_path.name
+    values = {k: (table[c].tolist() if c else [None] * len(table)) for k, c in cols.items()}
+    records: list[PosterRecord] = []
+    seen: set[str] = set()
+    for i in range(len(table)):
+        stats.rows_read += 1
+        record_id = imdb_id(values["imdbId"][i])
+        if record_id is None:
+            stats.skip(f"{name}: bad imdbId")
+            continue
+        if record_id in seen:
+            stats.skip(f"{name}: duplicate imdbId")
+            continue
+        seen.add(record_id)
+        meta = metadata.get(record_id) if metadata is not None else None
+        if metadata is not None and meta is None and join == "inner":
+            stats.skip(f"{name}: no metadata match (inner join)")
+            continue
+        meta = meta or {}
+        url = _text(values["Poster"][i])
+        records.append(PosterRecord(
+            id=record_id, image=posters.get(record_id), genres=_genres(values["Genre"][i]),
+            tagline=meta.get("tagline"), overview=meta.get("overview"),
+            title=_text(values["Title"][i]) or meta.get("title"),
+            url=url if url is not None and _is_url(url) else None))
+    return records
+
+
+# --------------------------------------------------------------------------- dispatch
+
+_FOLDER_OPTIONS = frozenset(inspect.signature(from_folder).parameters) - {"root", "stats"}
+_MANIFEST_OPTIONS = frozenset(inspect.signature(from_manifest).parameters) - {"path", "stats"}
+_KAGGLE_OPTIONS = frozenset(inspect.signature(from_kaggle).parameters) - {"movie_genre_csv", "stats"}
+_ALL_OPTIONS = _FOLDER_OPTIONS | _MANIFEST_OPTIONS | _KAGGLE_OPTIONS
+
+SOURCE_FORMS = ("a folder of images, a .csv/.tsv/.parquet manifest, a MovieGenre.csv, "
+                "or kaggle:DIR (DIR holding MovieGenre.csv, optional movies_metadata.csv and posters/)")
+
+
+def load_source(spec: str | os.PathLike, *, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                stats: SourceStats | None = None, **options: Any) -> list[PosterRecord]:
+    """Records from one CLI spec, with seeded splits for records that have none.
+
+    `options` are the keyword arguments of from_folder / from_manifest / from_kaggle; those that
+    do not apply to the chosen reader, and those that are None, are ignored so a CLI can pass all
+    of its flags. An empty result is an error, since nothing downstream can use it.
+    """
+    unknown = set(options) - _ALL_OPTIONS
+    if unknown:
+        raise TypeError(f"load_source() got unknown option(s): {', '.join(sorted(unknown))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    stats = stats if stats is not None else SourceStats()
+    text = os.fspath(spec)
+
+    def pick(allowed: frozenset[str]) -> dict[str, Any]:
+        return {k: v for k, v in options.items() if k in allowed}
+
+    if text.startswith("kaggle:"):
+        folder = Path(text[len("kaggle:"):] or ".").expanduser()
+        if not folder.is_dir():
+            raise ClipposterError(f"{text}: folder {folder} not found; use kaggle:DIR with DIR holding {KAGGLE_GENRE_FILE}")
+        chosen = pick(_KAGGLE_OPTIONS)
+        if "movies_metadata_csv" not in chosen and (folder / KAGGLE_METADATA_FILE).is_file():
+            chosen["movies_metadata_csv"] = folder / KAGGLE_METADATA_FILE
+        if "poster_dir" not in chosen and (folder / KAGGLE_POSTER_DIR).is_dir():
+            chosen["poster_dir"] = folder / KAGGLE_POSTER_DIR
+        records = from_kaggle(folder / KAGGLE_GENRE_FILE, stats=stats, **chosen)
+    else:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            records = from_folder(path, stats=stats, **pick(_FOLDER_OPTIONS))
+        elif path.is_file() and path.name.lower() == KAGGLE_GENRE_FILE.lower():
+            records = from_kaggle(path, stats=stats, **pick(_KAGGLE_OPTIONS))
+        elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+            records = from_manifest(path, stats=stats, **pick(_MANIFEST_OPTIONS))
+        elif path.exists():
+            raise ClipposterError(f"{text}: not a poster source; use {SOURCE_FORMS}")
+        else:
+            raise ClipposterError(f"{text}: no such file or folder; use {SOURCE_FORMS}")
+    if not records:
+        raise ClipposterError(f"{text}: no posters found ({stats.summary()}); check the path and column names")
+    return assign_splits(records, seed=seed, fractions=fractions)

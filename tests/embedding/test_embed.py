@@ -1,0 +1,140 @@
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding.embed import embed_records
+from clipposter.errors import ClipposterError
+from clipposter.records import PosterRecord
+from clipposter.ingest.sources import from_folder
+from clipposter.ingest.synthetic import generate_posters
+
+
+def copy_records(records, n=None):
+    return [PosterRecord.from_dict(r.to_dict()) for r in records[:n]]
+
+
+def test_second_run_does_no_model_work(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    first = embed_records(copy_records(records, 40), cache, tiny_backbone, batch_size=16, progress=False)
+    assert first.encoded == 40 and first.cached == 0
+    before = tiny_backbone.image_forward_passes
+    second = embed_records(copy_records(records, 40), cache, tiny_backbone, batch_size=16, progress=False)
+    assert tiny_backbone.image_forward_passes == before
+    assert second.encoded == 0 and second.cached == 40
+    assert cache.num_posters == 40 and cache.num_records == 40
+
+
+def test_adding_posters_encodes_only_new_ones(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    embed_records(copy_records(records, 30), cache, tiny_backbone, batch_size=8, progress=False)
+    old = np.array(cache.image_matrix())
+    s = embed_records(copy_records(records, 50), cache, tiny_backbone, batch_size=8, progress=False)
+    assert s.encoded == 20 and s.cached == 30
+    np.testing.assert_array_equal(np.array(cache.image_matrix())[:30], old)  # old rows untouched
+    # Stored rows match a direct encode through the same loader (float16 rounding aside), and the
+    # reduced-scale JPEG decode stays close to a full-size decode.
+    from clipposter.embedding.embed import make_loader
+    from clipposter.ingest.images import load_poster
+
+    stored = cache.embeddings_for_ids([records[45].id])[0]
+    same_path = tiny_backbone.encode_image_tensors(make_loader(tiny_backbone)(records[45].image)[None])[0]
+    np.testing.assert_allclose(stored, same_path, atol=1e-3)
+    full = tiny_backbone.encode_images([load_poster(records[45].image)])[0]
+    assert float(stored @ full) > 0.995
+
+
+def test_identical_posters_are_encoded_once(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    a = copy_records(records, 1)[0]
+    b = PosterRecord(id="copy", image=a.image, genres=["Drama"])
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    s = embed_records([a, b], cache, tiny_backbone, progress=False)
+    assert s.encoded == 1 and s.cached == 1 and cache.num_posters == 1 and cache.num_records == 2
+    np.testing.assert_array_equal(cache.embeddings_for_ids(["copy"]), cache.embeddings_for_ids([a.id]))
+
+
+@pytest.fixture
+def messy_folder(tmp_path, synthetic_set):
+    src, records = synthetic_set
+    root = tmp_path / "posters"
+    root.mkdir()
+    for r in records[:6]:
+        shutil.copy(r.image, root / (r.id + ".jpg"))
+    good = (root / "syn-00000.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is not an image")
+    return root
+
+
+def test_bad_posters_are_skipped_and_counted(tmp_path, tiny_backbone, messy_folder, caplog):
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    s = embed_records(from_folder(messy_folder), cache, tiny_backbone, progress=False)
+    assert s.encoded == 6 and s.skipped == 3
+    reasons = {p.split("/")[-1]: r for p, r in s.skipped_files}
+    assert "truncated" in reasons["truncated.jpg"] and "empty" in reasons["empty.png"]
+    assert "not an image" in reasons["notes.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+
+
+def test_strict_makes_a_bad_poster_fatal(tmp_path, tiny_backbone, messy_folder):
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    with pytest.raises(ClipposterError, match="--strict"):
+        embed_records(from_folder(messy_folder), cache, tiny_backbone, strict=True, progress=False)
+
+
+def test_embed_refuses_cache_of_other_backbone(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.backbone import TINY_MODEL, load_backbone
+
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    other = load_backbone(TINY_MODEL, None, device="cpu")
+    with pytest.raises(ClipposterError, match="was made with backbone"):
+        embed_records(copy_records(synthetic_set[1], 2), cache, other, progress=False)
+
+
+def test_killed_embed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_checkpoint):
+    src = tmp_path / "posters"
+    records = generate_posters(src, n=400, seed=11)
+    cache_dir = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "clipposter.cli.main", "embed", str(src / "manifest.csv"), "--cache", str(cache_dir),
+           "--backbone", "clipposter-tiny", "--pretrained", str(tiny_checkpoint), "--batch-size", "4",
+           "--workers", "1", "--no-texts", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = cache_dir / "index.sqlite"
+    committed = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=0.1) as con:
+                    committed = con.execute("SELECT COUNT(*) FROM posters").fetchone()[0]
+            except sqlite3.Error:
+                committed = 0
+            if committed >= 8:
+                break
+        time.sleep(0.005)
+    assert proc.poll() is None, "embed finished before it could be killed; the test needs a slower run"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    with EmbeddingCache.open(cache_dir) as cache:
+        assert cache.num_posters == 400 and cache.num_records == 400
+        ids = [r.id for r in cache.records()]
+        assert sorted(ids) == sorted(r.id for r in records)
+        matrix = np.asarray(cache.image_matrix(), dtype=np.float32)
+        np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-2)  # no garbage row
+        rows = [row for (row,) in cache._db.execute("SELECT row FROM posters ORDER BY row")]
+        assert rows == list(range(400))
+    assert np.load(cache_dir / "images.npy").shape == (400, 64)
