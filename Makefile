@@ -53,18 +53,18 @@ MUTATION_CHILDREN ?= 1
 # The functions whose silent errors users would see (about 650 mutants, ~30 min on one worker):
 # genre predictions and thresholds, the genre metrics and calibration, caption text clean-up and the
 # LSTM token filter, the cache's append and repair, and the cell parsers of the sources.
-# MUTANTS='clipposter.metrics.*' (a glob per module) widens it to whole files.
-MUTANTS ?= 'clipposter.heads.genre.xǁGenreHeadǁpredict__mutmut_*' 'clipposter.heads.genre.xǁGenreHeadǁthresholds_for*' \
-	'clipposter.heads.genre.xǁGenreHeadǁdescribe_predictions*' \
-	'clipposter.metrics.x_genre_predictions*' 'clipposter.metrics.x_genre_prf*' 'clipposter.metrics.x_genre_average_precision*' \
-	'clipposter.metrics.x__best_f1_threshold*' 'clipposter.metrics.x_genre_calibrate_thresholds*' \
-	'clipposter.heads.decoding.x_postprocess*' 'clipposter.heads.decoding.xǁWordScheduledTopNǁ__call__*' \
-	'clipposter.cache.xǁ_Matrixǁrepair*' 'clipposter.cache.xǁ_Matrixǁappend*' 'clipposter.cache.xǁ_Matrixǁset_header*' \
-	'clipposter.cache.xǁEmbeddingCacheǁadd_posters*' 'clipposter.cache.xǁEmbeddingCacheǁtext_embeddings*' \
-	'clipposter.sources.x__is_missing*' 'clipposter.sources.x__text*' 'clipposter.sources.x__id_text*' \
-	'clipposter.sources.x__genres*' 'clipposter.sources.x__stem_of*' 'clipposter.sources.x__is_url*' \
-	'clipposter.sources.x__find_column*' 'clipposter.sources.x_normalise_split*' 'clipposter.sources.x_imdb_id*' \
-	'clipposter.sources.x__metadata_genres*'
+# MUTANTS='clipposter.heads.genre.metrics.*' (a glob per module) widens it to whole files.
+MUTANTS ?= 'clipposter.heads.genre.head.xǁGenreHeadǁpredict__mutmut_*' 'clipposter.heads.genre.head.xǁGenreHeadǁthresholds_for*' \
+	'clipposter.heads.genre.head.xǁGenreHeadǁdescribe_predictions*' \
+	'clipposter.heads.genre.metrics.x_genre_predictions*' 'clipposter.heads.genre.metrics.x_genre_prf*' 'clipposter.heads.genre.metrics.x_genre_average_precision*' \
+	'clipposter.heads.genre.metrics.x__best_f1_threshold*' 'clipposter.heads.genre.metrics.x_genre_calibrate_thresholds*' \
+	'clipposter.heads.caption.decoding.x_postprocess*' 'clipposter.heads.caption.decoding.xǁWordScheduledTopNǁ__call__*' \
+	'clipposter.embedding.cache.xǁ_Matrixǁrepair*' 'clipposter.embedding.cache.xǁ_Matrixǁappend*' 'clipposter.embedding.cache.xǁ_Matrixǁset_header*' \
+	'clipposter.embedding.cache.xǁEmbeddingCacheǁadd_posters*' 'clipposter.embedding.cache.xǁEmbeddingCacheǁtext_embeddings*' \
+	'clipposter.ingest.sources.x__is_missing*' 'clipposter.ingest.sources.x__text*' 'clipposter.ingest.sources.x__id_text*' \
+	'clipposter.ingest.sources.x__genres*' 'clipposter.ingest.sources.x__stem_of*' 'clipposter.ingest.sources.x__is_url*' \
+	'clipposter.ingest.sources.x__find_column*' 'clipposter.ingest.sources.x_normalise_split*' 'clipposter.ingest.sources.x_imdb_id*' \
+	'clipposter.ingest.sources.x__metadata_genres*'
 mutation: setup
 	$(BIN)/python -m pip install -q -e '.[mutation]' 2>&1 | $(QUIET)
 	HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)

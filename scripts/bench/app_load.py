@@ -64,7 +64,7 @@ def free_port() -> int:
 def serve_forever(args) -> int:
     """--serve mode: the app for --run on 127.0.0.1:--port, until killed (the parent's subprocess)."""
     from clipposter.analysis import PosterAnalyzer
-    from clipposter.app import serve
+    from clipposter.app.page import serve
 
     if args.torch_threads:
         import torch
@@ -103,7 +103,7 @@ def start_server(run_dir: str, args, log_path: Path) -> tuple[subprocess.Popen, 
 
 
 def build_run(folder: Path) -> str:
-    from clipposter.demo import run_demo
+    from clipposter.pipeline import run_demo
 
     print(f"building a small demo run in {folder} (160 synthetic posters, tiny models)...", file=sys.stderr)
     run_demo(folder, n=160, seed=5, online=False, progress=False)
@@ -112,7 +112,7 @@ def build_run(folder: Path) -> str:
 
 def make_posters(folder: Path, n: int) -> list[bytes]:
     """n synthetic posters that a demo run (seeds 0 and 5) has not seen."""
-    from clipposter.synthetic import generate_posters
+    from clipposter.ingest.synthetic import generate_posters
 
     records = generate_posters(folder, n=n, seed=4242, progress=False)
     return [Path(r.image).read_bytes() for r in records]

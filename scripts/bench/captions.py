@@ -79,9 +79,9 @@ def main() -> int:
 
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from clipposter.backbone import BackboneIdentity
-    from clipposter.heads.caption import CaptionHead
-    from clipposter.heads.decoding import DecodingConfig
+    from clipposter.embedding.backbone import BackboneIdentity
+    from clipposter.heads.caption.model import CaptionHead
+    from clipposter.heads.caption.decoding import DecodingConfig
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(0)

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipposter.backbone import load_backbone
-from clipposter.cache import EmbeddingCache
-from clipposter.embed import embed_records, make_loader
-from clipposter.images import load_poster
-from clipposter.synthetic import generate_posters
+from clipposter.embedding.backbone import load_backbone
+from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding.embed import embed_records, make_loader
+from clipposter.ingest.images import load_poster
+from clipposter.ingest.synthetic import generate_posters
 
 
 def bench_model(backbone, pixels: torch.Tensor, batch_size: int) -> float:

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from clipposter.heads.genre import DecoderConfig, MLDecoder, TrainOptions, _loss_fn, fit_decoder  # noqa: E402
+from clipposter.heads.genre.head import DecoderConfig, MLDecoder, TrainOptions, _loss_fn, fit_decoder  # noqa: E402
 
 
 def make_data(n: int, dim: int, genres: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

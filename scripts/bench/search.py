@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clipposter.backbone import BackboneIdentity
-from clipposter.cache import EmbeddingCache
+from clipposter.embedding.backbone import BackboneIdentity
+from clipposter.embedding.cache import EmbeddingCache
 from clipposter.records import PosterRecord
-from clipposter.search import PosterIndex, _blocked_topk
+from clipposter.search.index import PosterIndex, _blocked_topk
 
 TARGET_P50_MS = 5.0
 TARGET_RECALL = 0.95
