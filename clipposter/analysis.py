@@ -12,7 +12,6 @@ and get the same answers they would get alone.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -23,9 +22,7 @@ import numpy as np
 
 from clipposter.errors import ClipposterError, PosterError
 from clipposter.records import PosterRecord
-
-RUN_FILE = "run.json"
-RUN_FORMAT = 1
+from clipposter.run import read_run
 
 
 @dataclass
@@ -52,29 +49,6 @@ class PosterAnalysis:
                 "tagline": self.tagline, "probabilities": self.probabilities, "predicted": self.predicted,
                 "taglines": self.taglines, "neighbours": [h.to_dict() for h in self.neighbours],
                 "source": self.source}
-
-
-def read_run(run_dir: str | os.PathLike) -> dict:
-    """The run description `clipposter demo` writes, with its paths made absolute."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClipposterError(f"{path}: not found; pass the folder `clipposter demo --out` wrote, or give "
-                              f"--cache, --genre-head and --caption-head") from None
-    except (OSError, ValueError) as exc:
-        raise ClipposterError(f"{path}: unreadable run description ({exc}); rerun `clipposter demo`") from None
-    if not isinstance(info, dict) or any(k not in info for k in ("cache", "genre_head", "caption_head")):
-        raise ClipposterError(f"{path}: lacks cache, genre_head or caption_head; rerun `clipposter demo`")
-    for key in ("cache", "genre_head", "caption_head", "report"):
-        if info.get(key):
-            info[key] = str((run_dir / info[key]).resolve())
-    for key, value in dict(info.get("evaluation") or {}).items():
-        if value:
-            info["evaluation"][key] = str((run_dir / value).resolve())
-    info["run_dir"] = str(run_dir.resolve())
-    return info
 
 
 class PosterAnalyzer:

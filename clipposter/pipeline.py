@@ -268,12 +268,13 @@ def _torch_threads(n: int | None):
 def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, source, n, seed, small, stages,
                         notices, evaluate_captions_with, report_limit, started) -> DemoResult:
     """Stages 4-10 of run_demo, over the embedded cache."""
-    from clipposter.analysis import RUN_FILE, RUN_FORMAT, PosterAnalyzer
+    from clipposter.analysis import PosterAnalyzer
     from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
     from clipposter.heads.caption.model import CaptionHead, TrainConfig, train_caption_head
     from clipposter.heads.genre.head import GenreHead, TrainOptions, evaluate_genres, train_genre_head
     from clipposter.heads.genre.metrics import write_genre_evaluation
     from clipposter.report.build import build_report
+    from clipposter.run import RUN_FILE, write_run
     from clipposter.search.index import PosterIndex
 
     ids = sorted(r.id for r in cache.records())
@@ -359,14 +360,14 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
         notice = "; ".join(notices)
         if any("unavailable" in x for x in notices):
             notice += "; the scores show that the pipeline works, not how good CLIP or GPT-2 are"
-    run = {"format": RUN_FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "notice": notice,
+    run = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "notice": notice,
            "source": source or f"synthetic ({n} posters, seed {seed})",
            "backbone": backbone.identity.describe(), "lm": "tiny GPT-2" if tiny_lm else lm,
            "cache": cache_dir.name, "genre_head": genre_dir.name, "caption_head": caption_dir.name,
            "report": "report.html",
            "evaluation": {"genres": "genres/evaluation.json",
                           "captions": "taglines/evaluation.json" if caption_eval else None}}
-    _write_json(out / RUN_FILE, run)
+    write_run(out, run)
 
     t = stages.start("report", "writing the report")
     analyzer = PosterAnalyzer(cache, head, caption_head, index, backbone=backbone,

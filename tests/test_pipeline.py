@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 import clipposter.cli.main as cli
-from clipposter.analysis import PosterAnalyzer, read_run
+from clipposter.analysis import PosterAnalyzer
+from clipposter.run import read_run
 from clipposter.pipeline import run_demo
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -449,7 +449,7 @@ def run_load_script(*argv) -> tuple[subprocess.CompletedProcess, dict]:
 def test_load_script_short_run(demo_run):
     """Each client sends a fixed number of requests, so the script must count exactly that many answers,
     and each answer it counts must be a real result about this run's posters."""
-    from clipposter.analysis import read_run
+    from clipposter.run import read_run
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.genre.head import GenreHead
 

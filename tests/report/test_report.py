@@ -314,7 +314,8 @@ def _chips(card: str) -> dict[str, set[str]]:
 def test_report_chips_show_the_genres_at_or_above_the_heads_thresholds(demo_run, tmp_path):
     """Each card's chips: ✓ labelled and predicted, ○ labelled only, ✗ predicted only, where predicted
     means probability >= the threshold saved in the head's config.json, computed here."""
-    from clipposter.analysis import PosterAnalyzer, read_run
+    from clipposter.analysis import PosterAnalyzer
+    from clipposter.run import read_run
 
     cfg = json.loads((Path(read_run(demo_run)["genre_head"]) / "config.json").read_text())
     th = cfg["thresholds"]
