@@ -31,7 +31,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "(top-k/top-p/temperature); lstm (the Inception-LSTM seed's schedule: sample the top 4 "
                         "tokens for the first 4 words, the top 2 up to word 7, then greedy). Default: "
                         f"{DEFAULT_STRATEGY}, which gave far fewer identical texts than greedy or beam "
-                        "(see docs_captions.md)")
+                        "(see docs/captions.md)")
     g.add_argument("--num-beams", type=int, default=None, help="beams for beam/poster2plot (default 4)")
     g.add_argument("--length-penalty", type=float, default=None, help="beam length penalty")
     g.add_argument("--no-repeat-ngram", type=int, default=None, dest="no_repeat_ngram_size",

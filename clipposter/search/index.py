@@ -22,7 +22,7 @@ Three engines sit under the same interface, all over the cache's embedding rows:
 
 `kind="auto"` picks exact below `threshold` posters and ivfpq above it: ivfpq builds 1M × 512 in
 under half a minute here where HNSW takes ~1.5 minutes for 100k, and it is the engine that reached
-the latency/recall target on the worst-case benchmark (see docs_search.md).
+the latency/recall target on the worst-case benchmark (see docs/search.md and docs/benchmarks.md).
 
 Search parameters of the approximate engines (efSearch, nprobe, k_factor) are tuned at build time
 against exact search, on the collection's own posters and on far-off queries like text queries,

@@ -25,7 +25,7 @@ from clipposter.errors import ClipposterError
 
 STRATEGIES = ("greedy", "beam", "poster2plot", "sample", "lstm")
 # The default: on synthetic posters it gave 3-4x fewer identical texts than greedy or beam search
-# at an equal or better margin (docs_captions.md) - the seed paper's collapse was the failure to avoid.
+# at an equal or better margin (docs/captions.md) - the seed paper's collapse was the failure to avoid.
 DEFAULT_STRATEGY = "lstm"
 
 # The seed LSTM's schedule as (words begun so far < limit → sample among top n); then greedy.

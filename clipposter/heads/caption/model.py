@@ -2,7 +2,7 @@
 
 The seed paper's setup: a three-layer tanh MLP maps a ViT-B-32 embedding to 10 GPT-2 input
 vectors, and mapper and GPT-2 are trained jointly with cross-entropy on taglines. This module keeps
-that shape and avoids the pitfalls ClipCap's users hit (see DESIGN.md):
+that shape and avoids the pitfalls ClipCap's users hit (see docs/captions.md):
 
 * padding never uses a real token id: padded text positions hold -100 in the label tensor, their
   input vectors are zeros, and the attention mask hides them; prefix positions are -100 too;
