@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache, text_hash
 from clipposter.records import SPLITS, PosterRecord, parse_genres
-from clipposter.ingest.sources import _metadata_genres, from_manifest
-from clipposter.ingest.synthetic import write_manifest
+from clipposter.ingest.sources import _metadata_genres, from_manifest, write_manifest
 
 settings.register_profile("default-properties", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

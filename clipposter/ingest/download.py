@@ -10,6 +10,7 @@ import contextlib
 import csv
 import hashlib
 import http.client
+import io
 import os
 import re
 import tempfile
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 from tqdm import tqdm
 
+from clipposter.files import atomic_write_text
 from clipposter.ingest.images import IMAGE_EXTENSIONS
 from clipposter.records import PosterRecord
 
@@ -51,13 +53,11 @@ class DownloadReport:
 
     def write_failures(self, path: str | os.PathLike) -> Path:
         """A CSV with columns id, url, reason (header only when nothing failed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["id", "url", "reason"])
-            writer.writerows(self.failed)
-        return path
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf)
+        writer.writerow(["id", "url", "reason"])
+        writer.writerows(self.failed)
+        return atomic_write_text(path, buf.getvalue())
 
     def summary(self) -> str:
         return (f"downloaded {self.downloaded}, already present {self.skipped_existing}, "
@@ -163,7 +163,8 @@ def _attempt(url: str, stem: str, opts: _Options) -> Path:
         if length and length.strip().isdigit() and int(length) > opts.max_bytes:
             raise _Fatal(f"too large: Content-Length {int(length)} bytes > max_bytes {opts.max_bytes}")
 
-        # A hidden temp name in out_dir: os.replace is then atomic and folder scans skip it.
+        # A hidden temp name in out_dir: os.replace is then atomic and folder scans skip it. Not
+        # files.atomic_path: the final name (its suffix) is known only once the streamed body decodes.
         fd, tmp_name = tempfile.mkstemp(dir=opts.out_dir, prefix=f".{stem}.", suffix=".part")
         tmp = Path(tmp_name)
         try:

@@ -4,26 +4,32 @@ Four inputs are understood: a folder of images, a CSV/TSV/Parquet manifest, the 
 the seed paper joined ("Movie Genre from its Poster" and "The Movies Dataset"), and `load_source`,
 which picks one of those from a single command-line spec. Every reader can fill a `SourceStats`
 so the CLI can say how many rows were dropped and why instead of failing on dirty real-world data.
+`write_manifest` writes records in the manifest format `from_manifest` reads.
 """
 from __future__ import annotations
 
 import ast
+import contextlib
+import csv
 import inspect
+import io
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import pandas as pd
 
 from clipposter.errors import ClipposterError
+from clipposter.files import atomic_write_bytes
 from clipposter.ingest.images import IMAGE_EXTENSIONS
 from clipposter.records import DEFAULT_FRACTIONS, PosterRecord, assign_splits, clean_text, parse_genres
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+MANIFEST_COLUMNS = ("id", "image", "genres", "tagline", "overview", "title", "split")
 KAGGLE_GENRE_FILE = "MovieGenre.csv"
 KAGGLE_METADATA_FILE = "movies_metadata.csv"
 KAGGLE_POSTER_DIR = "posters"
@@ -290,6 +296,31 @@ def from_manifest(path: str | os.PathLike, *, id_col: str | None = "id", image_c
 
 _IMDB_NUMBER = re.compile(r"(?:tt)?0*(\d{1,9})(?:\.0+)?", re.IGNORECASE)
 _IMDB_ID = re.compile(r"tt\d{7,9}")
+
+
+def write_manifest(records: Iterable[PosterRecord], path: str | os.PathLike) -> Path:
+    """Write records as manifest.csv (id,image,genres,tagline,overview,title,split).
+
+    Image paths are written relative to the manifest's folder when they live under it, so the
+    folder can be moved as a whole. The file is left untouched when its content would not change.
+    """
+    path = Path(path)
+    root = path.parent.resolve()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for rec in records:
+        image = rec.image or ""
+        if image:
+            with contextlib.suppress(ValueError):  # outside the manifest folder: keep the path as given
+                image = Path(image).resolve().relative_to(root).as_posix()
+        writer.writerow([rec.id, image, "|".join(rec.genres), rec.tagline or "", rec.overview or "",
+                         rec.title or "", rec.split or ""])
+    data = buf.getvalue().encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.exists() and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+    return path
 
 
 def imdb_id(value: Any) -> str | None:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from clipposter.errors import ClipposterError
 from clipposter.records import SPLITS, PosterRecord
-from clipposter.ingest.synthetic import MANIFEST_COLUMNS, SYNTHETIC_GENRES, generate_posters, write_manifest
+from clipposter.ingest.sources import MANIFEST_COLUMNS, write_manifest
+from clipposter.ingest.synthetic import SYNTHETIC_GENRES, generate_posters
 
 
 @pytest.fixture(scope="module")
