@@ -48,7 +48,7 @@ def posters(tmp_path_factory):
     """Fresh synthetic posters (another seed than the run's: encoded on the fly), a text file, a
     file over the byte limit, one over Gradio's transport limit, and a tiny PNG whose header
     claims 20000×20000 pixels."""
-    from clipposter.app.page import TRANSPORT_FACTOR
+    from clipposter.app.config import TRANSPORT_FACTOR
     from clipposter.ingest.synthetic import generate_posters
 
     out = tmp_path_factory.mktemp("app_posters")
@@ -86,7 +86,7 @@ def analyzer(demo_run):
 
 @pytest.fixture(scope="module")
 def handlers(analyzer):
-    from clipposter.app.page import AppHandlers
+    from clipposter.app.handlers import AppHandlers
 
     return AppHandlers(analyzer, max_upload_mb=MAX_UPLOAD_MB, samples=4, k=K, num_return=3)
 

@@ -19,7 +19,8 @@ from PIL import Image
 import clipposter.cli.main as cli
 from clipposter.analysis import PosterAnalysis
 from clipposter.heads.caption.evaluate import CaptionReport
-from clipposter.heads.genre.metrics import format_genre_per_genre, format_genre_table, genre_scores
+from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table
+from clipposter.heads.genre.metrics import genre_scores
 from clipposter.report.build import THUMB_WIDTH, build_report, render_report
 from clipposter.search.index import Hit
 
@@ -194,8 +195,8 @@ def test_user_text_is_escaped(analyses):
     ge["warnings"] = ["<script>w</script>"]
     html = _render(analyses, genre_eval=ge, header={**HEADER, "source": evil, "notice": "<b>n</b>"})
     assert "<script" not in html.lower()
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
-    assert "Say &quot;hi&quot; &amp; &lt;b&gt;bye&lt;/b&gt;" in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+    assert "Say &#34;hi&#34; &amp; &lt;b&gt;bye&lt;/b&gt;" in html
     assert "<img src=x" not in html and "onerror=alert(1)&gt;" in html
     assert "&lt;b&gt;n&lt;/b&gt;" in html
 
