@@ -71,7 +71,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick reachability probe of `hub_endpoint()`, so an offline machine (or a hub that accepts
     connections and never answers) does not wait through the hub client's retries: any HTTP answer
     within `timeout` seconds counts. HF_HUB_OFFLINE=1 answers no without asking the network."""
-    from clipposter.heads.caption.model import _offline
+    from clipposter.heads.caption.lm import offline as _offline
 
     if _offline():
         return False
@@ -101,7 +101,7 @@ def pick_backbone(device: str = "auto", online: bool | None = None) -> tuple[Bac
 def pick_lm(texts: Sequence[str], folder: Path, online: bool) -> tuple[str, str | None]:
     """gpt2 when it loads (local HF cache, or the hub when reachable); else a tiny GPT-2 built in
     `folder` with a tokenizer trained on `texts`. Returns (LM name or folder, reason it is not gpt2)."""
-    from clipposter.heads.caption.model import load_language_model
+    from clipposter.heads.caption.lm import load_language_model
     from clipposter.heads.caption.tiny_lm import build_tiny_lm
 
     if online or _in_hf_cache(REAL_LM):
@@ -125,7 +125,7 @@ def pick_lm(texts: Sequence[str], folder: Path, online: bool) -> tuple[str, str 
 
 
 def _unreachable() -> str:
-    from clipposter.heads.caption.model import _offline
+    from clipposter.heads.caption.lm import offline as _offline
 
     return "HF_HUB_OFFLINE is set" if _offline() else f"cannot reach {hub_endpoint()}"
 
@@ -270,7 +270,8 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     """Stages 4-10 of run_demo, over the embedded cache."""
     from clipposter.analysis import PosterAnalyzer
     from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
-    from clipposter.heads.caption.model import CaptionHead, TrainConfig, train_caption_head
+    from clipposter.heads.caption.model import CaptionHead
+    from clipposter.heads.caption.train import TrainConfig, train_caption_head
     from clipposter.heads.genre.head import GenreHead, TrainOptions, evaluate_genres, train_genre_head
     from clipposter.heads.genre.metrics import write_genre_evaluation
     from clipposter.report.build import build_report

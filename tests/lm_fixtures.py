@@ -87,7 +87,7 @@ SCORED_SPLITS = ("validation", "test")  # never trained on; ~180 posters, half t
 def trained_head(factory, backbone):
     """A joint-mode head trained on the synthetic taglines (about 10 s on one CPU core)."""
     def build():
-        from clipposter.heads.caption.model import TrainConfig, train_caption_head
+        from clipposter.heads.caption.train import TrainConfig, train_caption_head
 
         out = factory.mktemp("caption_head") / "head"
         with EmbeddingCache.open(caption_cache(factory, backbone)) as cache:
@@ -127,7 +127,7 @@ def seeded_head(factory, backbone, seed: int, shuffled: bool = False):
         return trained_head(factory, backbone)  # the same run: TrainConfig's seed is 0
 
     def build():
-        from clipposter.heads.caption.model import TrainConfig, train_caption_head
+        from clipposter.heads.caption.train import TrainConfig, train_caption_head
 
         out = factory.mktemp(f"caption_head_{'shuffled' if shuffled else 'real'}_{seed}") / "head"
         with EmbeddingCache.open(caption_cache(factory, backbone)) as cache:

@@ -166,7 +166,7 @@ def gpt2_after_model_only():
     # What the demo's first run leaves behind before it asks for the tokenizer: the model's files only.
     from huggingface_hub import hf_hub_download
     from clipposter.errors import ClipposterError
-    from clipposter.heads.caption.model import load_language_model
+    from clipposter.heads.caption.lm import load_language_model
 
     for name in ("config.json", "model.safetensors"):
         hf_hub_download("gpt2", name)
@@ -219,7 +219,7 @@ def test_a_cache_holding_only_gpt2s_model_does_not_yield_an_empty_tokenizer(libr
     gpt2 = out["gpt2"]
     assert "error" not in gpt2, gpt2
     assert gpt2["offline_error"] is not None and "\n" not in gpt2["offline_error"]
-    assert gpt2["offline_error"].startswith("cannot load the tokenizer 'gpt2'") and "--tokenizer" in gpt2["offline_error"]
+    assert gpt2["offline_error"].startswith("tokenizer 'gpt2' cannot be loaded")  # ConfigError naming the parameter
     expected = repos["tokenizer"].encode(TEXT).ids
     assert expected and gpt2["ids"] == expected
     assert stub.fetched("openai-community/gpt2", "tokenizer.json")
@@ -330,6 +330,6 @@ def test_a_hub_that_answers_404_gives_the_one_line_fallback(repos, site, tmp_pat
     assert out["backbone"] == "clipposter-tiny"
     assert out["reason"].startswith("cannot fetch pretrained weights ViT-B-32/openai") and "\n" not in out["reason"]
     assert out["lm"] == str(tmp_path / "tiny-lm") and (tmp_path / "tiny-lm" / "config.json").is_file()
-    assert out["lm_reason"].startswith("cannot load language model 'gpt2'") and "\n" not in out["lm_reason"]
+    assert out["lm_reason"].startswith("lm 'gpt2' cannot be loaded") and "\n" not in out["lm_reason"]
     assert out["seconds"] < 30
     assert not (tmp_path / "hf" / "hub" / "models--gpt2" / "snapshots").exists()

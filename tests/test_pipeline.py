@@ -56,7 +56,7 @@ def test_rerun_reuses_finished_stages(demo_run, tiny_backbone, tmp_path):
 
 def test_killed_caption_training_resumes(demo_run, tiny_backbone, tmp_path, monkeypatch):
     """A run killed after the caption head's second epoch picks up from that checkpoint."""
-    import clipposter.heads.caption.model as caption
+    import clipposter.heads.caption.train as caption
 
     out = tmp_path / "run"
     shutil.copytree(demo_run, out)

@@ -66,7 +66,7 @@ def _check_batch_size(args) -> None:
 
 def cmd_train_captions(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.heads.caption.model import TrainConfig, train_caption_head
+    from clipposter.heads.caption.train import TrainConfig, train_caption_head
 
     cache = EmbeddingCache.open(args.cache)
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,

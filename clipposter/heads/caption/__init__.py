@@ -1,0 +1,62 @@
+"""The caption head: a CLIP poster embedding → a prefix of LM input vectors → a causal LM (ClipCap).
+
+    config     choices, defaults and `DecodingConfig` (no torch: an argument parser may import it)
+    lm         loading the language model and tokenizer, offline-aware
+    model      the prefix mappers and `CaptionHead` (save_pretrained / from_pretrained, generate)
+    train      `TrainConfig`, the training loop with checkpoints and resume, `TrainResult`
+    decoding   the decoding strategies and the clean-up of generated text
+    evaluate   the paper's score beside the chance and constant baselines (`evaluate`)
+    tiny_lm    a tiny GPT-2 for machines without real weights
+
+Names are imported from their modules on first use, so `import clipposter.heads.caption` costs
+no torch or transformers import.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# `evaluate` is both a module and the function it exports; binding the function here, after the
+# module has loaded, makes `from clipposter.heads.caption import evaluate` the function. The module
+# imports numpy, no model code.
+from clipposter.heads.caption.evaluate import evaluate
+
+_EXPORTS = {
+    "config": ("DEFAULT_LM", "DEFAULT_SENTENCE_MODEL", "DEFAULT_STRATEGY", "MAPPERS", "MODES", "PRESETS",
+               "STRATEGIES", "TARGETS", "DecodingConfig", "decoding_preset"),
+    "lm": ("load_language_model", "offline", "quiet_transformers"),
+    "model": ("Caption", "CaptionHead", "CaptionHeadConfig", "MLPMapper", "TransformerMapper", "read_head_config"),
+    "train": ("TrainConfig", "TrainResult", "train_caption_head", "validation_loss"),
+    "decoding": ("postprocess", "WordScheduledTopN"),
+    "evaluate": ("CaptionReport", "SentenceScorer", "caption_scores", "evaluate_captions", "load_sentence_scorer"),
+    "tiny_lm": ("build_tiny_lm",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_WHERE, "evaluate"])
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from clipposter.heads.caption.config import (DEFAULT_LM, DEFAULT_SENTENCE_MODEL, DEFAULT_STRATEGY, MAPPERS, MODES,
+                                                 PRESETS, STRATEGIES, TARGETS, DecodingConfig, decoding_preset)
+    from clipposter.heads.caption.decoding import WordScheduledTopN, postprocess
+    from clipposter.heads.caption.evaluate import (CaptionReport, SentenceScorer, caption_scores, evaluate_captions,
+                                                   load_sentence_scorer)
+    from clipposter.heads.caption.lm import load_language_model, offline, quiet_transformers
+    from clipposter.heads.caption.model import (Caption, CaptionHead, CaptionHeadConfig, MLPMapper, TransformerMapper,
+                                                read_head_config)
+    from clipposter.heads.caption.tiny_lm import build_tiny_lm
+    from clipposter.heads.caption.train import TrainConfig, TrainResult, train_caption_head, validation_loss

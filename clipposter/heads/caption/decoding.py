@@ -5,7 +5,7 @@ with the key/value cache on: ClipCap's own predict re-ran the whole sequence at 
 image at a time, which is what made its beam search slow. For decoder-only models, `generate` with
 `inputs_embeds` returns only the new tokens, so nothing has to be cut off the front.
 
-Strategies (all take `--num-return`, `--repetition-penalty` and the length limit):
+Strategies (all take `num_return`, `repetition_penalty` and the length limit):
   greedy       the most likely token each step
   beam         beam search (`num_beams`, `length_penalty`, `no_repeat_ngram_size`)
   poster2plot  Poster2Plot's beam settings: 4 beams, no repeated 3-grams, length penalty 2.0
@@ -16,91 +16,19 @@ Strategies (all take `--num-return`, `--repetition-penalty` and the length limit
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from clipposter.errors import ClipposterError
+# The settings live in config.py (no torch there); they are part of this module's API too.
+from clipposter.heads.caption.config import (DEFAULT_STRATEGY, PRESETS, STRATEGIES, DecodingConfig,
+                                             decoding_preset)
 
-STRATEGIES = ("greedy", "beam", "poster2plot", "sample", "lstm")
-# The default: on synthetic posters it gave 3-4x fewer identical texts than greedy or beam search
-# at an equal or better margin (docs/captions.md) - the seed paper's collapse was the failure to avoid.
-DEFAULT_STRATEGY = "lstm"
+__all__ = ["DEFAULT_STRATEGY", "PRESETS", "STRATEGIES", "DecodingConfig", "decoding_preset", "LSTM_SCHEDULE",
+           "postprocess", "word_start_table", "WordScheduledTopN", "generate_kwargs"]
 
 # The seed LSTM's schedule as (words begun so far < limit → sample among top n); then greedy.
 LSTM_SCHEDULE: tuple[tuple[int, int], ...] = ((4, 4), (7, 2))
-
-
-@dataclass
-class DecodingConfig:
-    """How to turn a prefix into text. `max_new_tokens=None` means the head's trained length."""
-
-    strategy: str = DEFAULT_STRATEGY
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0
-    temperature: float = 1.0
-    num_return: int = 1
-    repetition_penalty: float = 1.0
-    max_new_tokens: int | None = None
-    min_new_tokens: int = 0  # benchmarks force a fixed length with it; users rarely need it
-    seed: int = 0
-    cut_partial: bool = False  # drop a trailing unfinished sentence
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self) -> "DecodingConfig":
-        if self.strategy not in STRATEGIES:
-            raise ClipposterError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.num_return < 1:
-            raise ClipposterError(f"--num-return must be at least 1, got {self.num_return}")
-        if self.strategy == "greedy" and self.num_return > 1:
-            raise ClipposterError("greedy decoding gives one candidate per poster; use --strategy beam, sample "
-                                  "or lstm for --num-return > 1")
-        if self.strategy in ("beam", "poster2plot") and self.num_beams < self.num_return:
-            raise ClipposterError(f"--num-return {self.num_return} needs at least as many beams; "
-                                  f"pass --num-beams {self.num_return} or more")
-        if self.num_beams < 1:
-            raise ClipposterError(f"--num-beams must be at least 1, got {self.num_beams}")
-        if self.temperature <= 0:
-            raise ClipposterError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ClipposterError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ClipposterError(f"--top-k must be 0 (off) or positive, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ClipposterError(f"--repetition-penalty must be positive (1.0 = off), got {self.repetition_penalty}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ClipposterError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0 or (self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens):
-            raise ClipposterError(f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}")
-        return self
-
-
-# What each named strategy sets; CLI flags given explicitly override these.
-PRESETS: dict[str, dict[str, Any]] = {
-    "greedy": {},
-    "beam": {"num_beams": 4},
-    "poster2plot": {"num_beams": 4, "no_repeat_ngram_size": 3, "length_penalty": 2.0},
-    "sample": {"top_k": 50, "top_p": 0.95, "temperature": 1.0},
-    "lstm": {},
-}
-
-
-def decoding_preset(strategy: str = DEFAULT_STRATEGY, **overrides: Any) -> DecodingConfig:
-    """The named strategy's settings, with any non-None override applied on top."""
-    if strategy not in PRESETS:
-        raise ClipposterError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    known = {f.name for f in fields(DecodingConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown decoding settings: {sorted(unknown)}")
-    cfg = replace(DecodingConfig(strategy=strategy), **PRESETS[strategy])
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
 # ----------------------------------------------------------------------------- post-processing

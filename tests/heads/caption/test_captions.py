@@ -14,12 +14,15 @@ import torch
 import lm_fixtures
 from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache
-from clipposter.heads.caption.evaluate import (best_constant, caption_scores, distinct_n, distractor_sets, duplicate_share,
-                                        evaluate_captions, load_sentence_scorer, similarity_metrics)
-from clipposter.errors import ClipposterError
-from clipposter.heads.caption.model import (CaptionHead, TrainConfig, load_language_model, train_caption_head)
+from clipposter.errors import ClipposterError, ConfigError
+from clipposter.heads.caption import evaluate
 from clipposter.heads.caption.decoding import (STRATEGIES, DecodingConfig, WordScheduledTopN, decoding_preset, postprocess,
-                                       word_start_table)
+                                               word_start_table)
+from clipposter.heads.caption.evaluate import (best_constant, caption_scores, distinct_n, distractor_sets, duplicate_share,
+                                               load_sentence_scorer, similarity_metrics)
+from clipposter.heads.caption.lm import load_language_model
+from clipposter.heads.caption.model import CaptionHead
+from clipposter.heads.caption.train import TrainConfig, train_caption_head
 
 REAL_GPT2_TOKENIZER = Path("/work/shared/assets/gpt2-tokenizer")
 
@@ -43,7 +46,7 @@ def trained(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="module")
 def head(trained):
-    return CaptionHead.load(trained[0])
+    return CaptionHead.from_pretrained(trained[0])
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,14 @@ def test_trained_head_evaluation_report(head, cache, scorer, trained):
     summary = trained[1]
     assert summary.history[-1]["train_loss"] < summary.history[0]["train_loss"]
     assert summary.validation_examples > 0 and summary.history[-1]["validation_loss"] is not None
-    greedy = evaluate_captions(head, cache, "test", decoding_preset("greedy"), scorer, progress=False)
+    greedy = evaluate(head, cache, "test", decoding_preset("greedy"), scorer, progress=False)
     systems = greedy.scores["systems"]
     assert greedy.posters >= 50
     # The constant baseline is one text for every poster: margin exactly 0, all texts identical.
     assert abs(systems["constant"]["margin"]) < 1e-6
     assert systems["constant"]["identical_share"] == 1.0
     # The default decoding (the LSTM seed's schedule) is the collapse defence: far fewer identical texts.
-    lstm = evaluate_captions(head, cache, "test", DecodingConfig(), scorer, progress=False)
+    lstm = evaluate(head, cache, "test", DecodingConfig(), scorer, progress=False)
     assert lstm.decoding["strategy"] == "lstm"
     assert lstm.generated["identical_share"] < systems["generated"]["identical_share"] - 0.2
     text = greedy.format_text()
@@ -89,7 +92,7 @@ def _pooled_margins(head, cache, scorer) -> tuple[float, float]:
     generated, chance = [], []
     for split in lm_fixtures.SCORED_SPLITS:
         for decoding in SCORING_DECODINGS:
-            report = evaluate_captions(head, cache, split, decoding, scorer, progress=False)
+            report = evaluate(head, cache, split, decoding, scorer, progress=False)
             generated.append(report.generated["margin"])
         chance.append(report.scores["systems"]["chance"]["margin"])
     return float(np.mean(generated)), float(np.mean(chance))
@@ -119,7 +122,7 @@ def test_caption_learning_beats_a_shuffled_embedding_control(tmp_path_factory, t
             out, summary = lm_fixtures.seeded_head(tmp_path_factory, tiny_backbone, seed, shuffled=kind == "shuffled")
             # The control does train: it learns the taglines' language, only not their pictures.
             assert summary.history[-1]["train_loss"] < summary.history[0]["train_loss"]
-            margin, chance_margin = _pooled_margins(CaptionHead.load(out), cache, scorer)
+            margin, chance_margin = _pooled_margins(CaptionHead.from_pretrained(out), cache, scorer)
             margins[kind].append(margin)
             chance.append(chance_margin)
     gap = lm_fixtures.MARGIN_GAP
@@ -157,9 +160,9 @@ def test_save_then_load_gives_the_same_greedy_output(head, cache, tmp_path):
     _, emb = _test_embeddings(cache)
     cfg = decoding_preset("greedy")
     before = [c[0].text for c in head.generate(emb, cfg)]
-    head.save(tmp_path / "copy")
+    head.save_pretrained(tmp_path / "copy")
     assert {p.name for p in (tmp_path / "copy").iterdir()} >= {"config.json", "mapper.safetensors", "lm"}
-    again = CaptionHead.load(tmp_path / "copy")
+    again = CaptionHead.from_pretrained(tmp_path / "copy")
     assert [c[0].text for c in again.generate(emb, cfg)] == before
     torch.testing.assert_close(again.mapper.center, head.mapper.center)
     config = json.loads((tmp_path / "copy" / "config.json").read_text())
@@ -182,7 +185,7 @@ def test_prefix_only_training_leaves_the_lm_unchanged(cache, tiny_lm_dir, tmp_pa
                                  progress=False)
     assert summary.history[-1]["train_loss"] < summary.history[0]["train_loss"]  # the mapper did learn
     original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).state_dict()
-    saved = CaptionHead.load(tmp_path / "prefix")
+    saved = CaptionHead.from_pretrained(tmp_path / "prefix")
     assert saved.config.mode == "prefix"
     for name, tensor in saved.lm.state_dict().items():
         assert torch.equal(tensor, original[name]), name
@@ -197,7 +200,7 @@ def test_resume_continues_exactly_where_training_stopped(cache, tiny_lm_dir, tmp
     straight = train_caption_head(cache, tmp_path / "a", train=train, **settings)
 
     # The same run, killed right after its first checkpoint.
-    import clipposter.heads.caption.model as caption_module
+    import clipposter.heads.caption.train as caption_module
 
     save = caption_module._save_checkpoint
 
@@ -211,17 +214,26 @@ def test_resume_continues_exactly_where_training_stopped(cache, tiny_lm_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         train_caption_head(cache, tmp_path / "b", train=train, **settings)
     assert not (tmp_path / "b" / "config.json").exists()  # no finished head, only the checkpoint
-    with pytest.raises(ClipposterError, match="--resume"):
+    with pytest.raises(ConfigError, match="already holds a caption head or checkpoints") as err:
         train_caption_head(cache, tmp_path / "b", train=train, **settings)
+    assert err.value.field == "resume"
     resumed = train_caption_head(cache, tmp_path / "b", train=train, resume=True, **settings)
     assert resumed.resumed_from_epoch == 1 and resumed.steps == straight.steps
-    a, b = CaptionHead.load(tmp_path / "a"), CaptionHead.load(tmp_path / "b")
+    a, b = CaptionHead.from_pretrained(tmp_path / "a"), CaptionHead.from_pretrained(tmp_path / "b")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], abs=1e-5)
     assert len(list((tmp_path / "b" / "checkpoints").glob("epoch-*"))) == 1  # older checkpoints removed
-    with pytest.raises(ClipposterError, match="already trained for 2 epochs"):
+    with pytest.raises(ConfigError, match="already trained for 2 epochs") as err:
         train_caption_head(cache, tmp_path / "b", train=TrainConfig(epochs=2), resume=True, **settings)
+    assert err.value.field == "epochs"
+    with pytest.raises(ConfigError, match="was trained with tagline") as err:
+        train_caption_head(cache, tmp_path / "b", train=TrainConfig(epochs=3), resume=True, target="overview",
+                           **settings)
+    assert err.value.field == "target"
+    with pytest.raises(ConfigError, match="no checkpoint to resume from") as err:
+        train_caption_head(cache, tmp_path / "c", train=train, resume=True, **settings)
+    assert err.value.field == "resume"
 
 
 # ----------------------------------------------------------------------------- ClipCap pitfalls
@@ -265,35 +277,37 @@ def test_backbone_and_folder_mismatches_are_refused(head, tmp_path, trained):
     with pytest.raises(ClipposterError, match="64-wide"):
         CaptionHead(head.config, head.lm, head.tokenizer, wider)
     with pytest.raises(ClipposterError, match="not a caption head"):
-        CaptionHead.load(tmp_path)
+        CaptionHead.from_pretrained(tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(trained[0], broken, ignore=shutil.ignore_patterns("checkpoints"))
     config = json.loads((broken / "config.json").read_text())
     config["head"]["mapper_hidden"] = 99
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ClipposterError, match="mapper.safetensors: does not fit"):
-        CaptionHead.load(broken)
+        CaptionHead.from_pretrained(broken)
     config["kind"] = "genre"
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ClipposterError, match="not a caption head"):
-        CaptionHead.load(broken)
+        CaptionHead.from_pretrained(broken)
 
 
 def test_prefix_plus_length_beyond_the_lm_positions_is_refused(tiny_lm_dir, cache):
-    with pytest.raises(ClipposterError, match="positions"):
+    with pytest.raises(ConfigError, match="positions") as err:
         CaptionHead.create(cache.identity, lm=str(tiny_lm_dir), max_tokens=200)
+    assert err.value.field == "max_tokens"
 
 
 def test_lm_that_cannot_be_loaded_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClipposterError) as err:
+    with pytest.raises(ConfigError) as err:
         load_language_model("gpt2")
     msg = str(err.value)
-    assert msg.startswith("cannot load language model 'gpt2' offline") and "--lm" in msg and "\n" not in msg
-    with pytest.raises(ClipposterError, match="cannot load language model"):
+    assert err.value.field == "lm" and msg.startswith("lm 'gpt2' cannot be loaded offline") and "\n" not in msg
+    assert "--" not in msg  # the library names the parameter; the CLI names its flag
+    with pytest.raises(ConfigError, match="cannot be loaded"):
         load_language_model(str(tmp_path / "no-such-folder"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ClipposterError, match="cannot load language model"):
+    with pytest.raises(ConfigError, match="cannot be loaded"):
         load_language_model(str(tmp_path / "empty"))
 
 
@@ -303,13 +317,13 @@ def test_decoding_settings_are_checked():
     assert decoding_preset("poster2plot").to_dict() | {} == {
         **DecodingConfig(strategy="poster2plot").to_dict(), "num_beams": 4, "no_repeat_ngram_size": 3,
         "length_penalty": 2.0}
-    with pytest.raises(ClipposterError, match="greedy decoding gives one candidate"):
+    with pytest.raises(ConfigError, match="greedy decoding gives one candidate"):
         decoding_preset("greedy", num_return=3)
-    with pytest.raises(ClipposterError, match="at least as many beams"):
+    with pytest.raises(ConfigError, match="^num_beams must be at least num_return"):
         decoding_preset("beam", num_return=5)
-    with pytest.raises(ClipposterError, match="--strategy"):
+    with pytest.raises(ConfigError, match="^strategy"):
         decoding_preset("nucleus")
-    with pytest.raises(ClipposterError, match="--top-p"):
+    with pytest.raises(ConfigError, match="^top_p"):
         decoding_preset("sample", top_p=1.5)
 
 
@@ -434,9 +448,9 @@ def test_real_sentence_model_scores_paraphrases_above_unrelated_texts(scorer):
 
 
 def test_unloadable_sentence_model_is_one_clear_line(tmp_path):
-    with pytest.raises(ClipposterError, match="cannot load sentence model") as err:
+    with pytest.raises(ConfigError, match="cannot be loaded") as err:
         load_sentence_scorer(str(tmp_path / "missing-model"))
-    assert "\n" not in str(err.value) and "--sentence-model" in str(err.value)
+    assert "\n" not in str(err.value) and err.value.field == "sentence_model" and "--" not in str(err.value)
 
 
 def test_evaluation_skips_posters_without_a_reference(head, caption_cache_dir, tmp_path, scorer):
@@ -448,6 +462,6 @@ def test_evaluation_skips_posters_without_a_reference(head, caption_cache_dir, t
             r.tagline = bad
         c.upsert_records([(r, c._db.execute("SELECT hash FROM records WHERE id=?", (r.id,)).fetchone()[0])
                           for r in records[:3]])
-        report = evaluate_captions(head, c, "test", decoding_preset("greedy"), scorer, limit=10, samples=3,
+        report = evaluate(head, c, "test", decoding_preset("greedy"), scorer, limit=10, samples=3,
                                    progress=False)
     assert report.skipped_references == 3 and report.posters == 10 and len(report.samples) == 3

@@ -3,7 +3,7 @@ the clean-up of generated text, and the LSTM schedule's token filter on hand-mad
 import pytest
 import torch
 
-from clipposter.errors import ClipposterError
+from clipposter.errors import ConfigError
 from clipposter.heads.caption.decoding import (DEFAULT_STRATEGY, PRESETS, STRATEGIES, DecodingConfig, WordScheduledTopN,
                                        decoding_preset, generate_kwargs, postprocess, word_start_table)
 
@@ -21,24 +21,25 @@ def test_default_config_is_the_lstm_schedule_and_valid():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "nucleus"}, r"^--strategy must be one of greedy, beam, poster2plot, sample, lstm, got 'nucleus'$"),
-    ({"num_return": 0}, r"^--num-return must be at least 1, got 0$"),
-    ({"strategy": "greedy", "num_return": 2}, r"^greedy decoding gives one candidate per poster"),
-    ({"strategy": "beam", "num_beams": 2, "num_return": 3}, r"^--num-return 3 needs at least as many beams; pass --num-beams 3"),
-    ({"strategy": "poster2plot", "num_beams": 2, "num_return": 3}, r"^--num-return 3 needs at least as many beams"),
-    ({"num_beams": 0}, r"^--num-beams must be at least 1, got 0$"),
-    ({"temperature": 0.0}, r"^--temperature must be positive, got 0.0$"),
-    ({"top_p": 0.0}, r"^--top-p must be in \(0, 1\], got 0.0$"),
-    ({"top_p": 1.01}, r"^--top-p must be in \(0, 1\]"),
-    ({"top_k": -1}, r"^--top-k must be 0 \(off\) or positive, got -1$"),
-    ({"repetition_penalty": 0.0}, r"^--repetition-penalty must be positive \(1.0 = off\), got 0.0$"),
-    ({"max_new_tokens": 0}, r"^--max-new-tokens must be at least 1, got 0$"),
+    ({"strategy": "nucleus"}, r"^strategy must be one of greedy, beam, poster2plot, sample, lstm, got 'nucleus'$"),
+    ({"num_return": 0}, r"^num_return must be at least 1, got 0$"),
+    ({"strategy": "greedy", "num_return": 2}, r"^num_return is 2, but greedy decoding gives one candidate per poster"),
+    ({"strategy": "beam", "num_beams": 2, "num_return": 3}, r"^num_beams must be at least num_return \(3\).*got 2$"),
+    ({"strategy": "poster2plot", "num_beams": 2, "num_return": 3}, r"^num_beams must be at least num_return \(3\)"),
+    ({"num_beams": 0}, r"^num_beams must be at least 1, got 0$"),
+    ({"temperature": 0.0}, r"^temperature must be positive, got 0.0$"),
+    ({"top_p": 0.0}, r"^top_p must be in \(0, 1\], got 0.0$"),
+    ({"top_p": 1.01}, r"^top_p must be in \(0, 1\]"),
+    ({"top_k": -1}, r"^top_k must be 0 \(off\) or positive, got -1$"),
+    ({"repetition_penalty": 0.0}, r"^repetition_penalty must be positive \(1.0 = off\), got 0.0$"),
+    ({"max_new_tokens": 0}, r"^max_new_tokens must be at least 1, got 0$"),
     ({"min_new_tokens": -1}, r"^min_new_tokens must be between 0 and max_new_tokens, got -1$"),
     ({"min_new_tokens": 5, "max_new_tokens": 4}, r"^min_new_tokens must be between 0 and max_new_tokens, got 5$"),
 ])
-def test_bad_settings_are_one_line_errors_naming_the_flag(overrides, message):
-    with pytest.raises(ClipposterError, match=message):
+def test_bad_settings_are_one_line_errors_naming_the_parameter(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
         DecodingConfig(**overrides).validate()
+    assert str(err.value).startswith(err.value.field + " ") and err.value.field in DecodingConfig.__dataclass_fields__
 
 
 @pytest.mark.parametrize("ok", [
@@ -61,11 +62,11 @@ def test_presets_and_overrides():
     # Explicit settings override the preset; None means "not given".
     cfg = decoding_preset("poster2plot", num_beams=6, length_penalty=None, seed=3)
     assert (cfg.num_beams, cfg.length_penalty, cfg.no_repeat_ngram_size, cfg.seed) == (6, 2.0, 3, 3)
-    with pytest.raises(ClipposterError, match=r"^--strategy must be one of .*got 'nucleus'"):
+    with pytest.raises(ConfigError, match=r"^strategy must be one of .*got 'nucleus'"):
         decoding_preset("nucleus")
     with pytest.raises(TypeError, match=r"unknown decoding settings: \['beams', 'x'\]"):
         decoding_preset("beam", beams=4, x=1)
-    with pytest.raises(ClipposterError, match="--top-p"):  # the result is validated
+    with pytest.raises(ConfigError, match="^top_p"):  # the result is validated
         decoding_preset("sample", top_p=2.0)
 
 
