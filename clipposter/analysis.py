@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipposter.errors import ClipposterError, PosterError
+from clipposter.errors import ClipposterError
 from clipposter.records import PosterRecord
 from clipposter.run import read_run
 
@@ -165,30 +165,21 @@ class PosterAnalyzer:
     def analyze_files(self, paths: Sequence[str | os.PathLike], *, strategy: str = "lstm", num_return: int = 1,
                       k: int = 5, seed: int = 0, threshold: str | float | None = None) -> list[PosterAnalysis]:
         """Analyses of poster files. A file whose content is cached uses its cached embedding and takes
-        the cached record's labels; any other file is decoded safely and encoded now. An unusable
-        file (missing, empty, not an image, too many pixels, corrupt) raises one ClipposterError line
-        naming it."""
+        the cached record's labels; any other file is decoded safely and encoded now (the backbone is
+        loaded only then). Each file is read and hashed once. An unusable file (missing, empty, not an
+        image, too many pixels, corrupt) raises one ClipposterError line naming it."""
+        from clipposter.embedding.embed import resolve_posters
+
         paths = [str(p) for p in paths]
         with self._lock:
-            try:
-                vectors, same, cached = self.index.embed_images(paths, backbone=self._backbone_if_needed(paths))
-            except PosterError as exc:
-                raise ClipposterError(f"{exc.path}: {exc.reason}; upload a JPEG, PNG or WebP poster") from None
+            resolved = resolve_posters(paths, cache=self.cache, backbone=lambda: self.backbone)
+            for poster, reason in resolved.failed:
+                raise ClipposterError(f"{poster}: {reason}; upload a JPEG, PNG or WebP poster")
+            # ids sharing each file's content: its neighbours leave them out, and it takes their record
+            same = [self.index.ids_at(p.row) if p.row is not None else [] for p in resolved]
             records = [self._records.get(s[0]) if s else None for s in same]
-            return self._analyze(vectors, same, records, paths, ["cache" if c else "encoded" for c in cached],
+            return self._analyze(resolved.embeddings(), same, records, paths, [p.source for p in resolved],
                                  strategy=strategy, num_return=num_return, k=k, seed=seed, threshold=threshold)
-
-    def _backbone_if_needed(self, paths: Sequence[str]):
-        """The backbone only when some file is not cached, so cached posters never load it."""
-        from clipposter.ingest.images import content_hash, read_bytes
-
-        for path in paths:
-            try:
-                if self.index._row_for_hash(content_hash(read_bytes(path))) is None:
-                    return self.backbone
-            except PosterError:
-                return None  # embed_images raises the clear error for this file
-        return None
 
     def search_text(self, text: str, k: int = 8, **filters) -> list:
         """Posters that best match a free text, through the backbone's CLIP text encoder."""

@@ -15,20 +15,20 @@ cuts off, so every poster ends up exactly once and no committed row is ever half
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import sqlite3
-from contextlib import contextmanager
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from clipposter.embedding.backbone import BackboneIdentity
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
+from clipposter.files import directory_lock, write_json
 from clipposter.records import PosterRecord
 
 FORMAT_VERSION = 1
@@ -122,6 +122,14 @@ class CacheInfo:
         return dict(self.__dict__)
 
 
+class RecordSummary(NamedTuple):
+    """What a search result shows of a poster record: its labelled genres, title and image path."""
+
+    genres: list[str]
+    title: str | None
+    image: str | None
+
+
 class EmbeddingCache:
     """Image and text embeddings of one backbone, keyed by content, with poster metadata.
 
@@ -136,12 +144,14 @@ class EmbeddingCache:
         self.dtype = dtype
         self.dim = identity.embed_dim
         self._db = sqlite3.connect(root / "index.sqlite", isolation_level=None, check_same_thread=False)
+        # Lookups may come from several threads (an app's workers); one statement at a time.
+        self._read_lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._images = _Matrix(root / "images.npy", self.dim, DTYPES[dtype])
         self._texts = _Matrix(root / "texts.npy", self.dim, DTYPES[dtype])
-        with self._write_lock():
+        with directory_lock(self.root):
             self._images.repair(self.num_posters)
             self._texts.repair(self.num_texts)
 
@@ -152,7 +162,7 @@ class EmbeddingCache:
         root = Path(root)
         meta_path = root / "cache.json"
         if dtype not in DTYPES:
-            raise ClipposterError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
         if meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
@@ -172,9 +182,7 @@ class EmbeddingCache:
         root.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
                 "backbone_spec": backbone_spec}
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
+        write_json(meta_path, meta)
         return cls(root, identity, dtype, backbone_spec)
 
     def close(self) -> None:
@@ -185,16 +193,6 @@ class EmbeddingCache:
 
     def __exit__(self, *exc):
         self.close()
-
-    @contextmanager
-    def _write_lock(self) -> Iterator[None]:
-        """One writer at a time per cache directory, across processes."""
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # ----- counts --------------------------------------------------------------------------------
     @property
@@ -227,7 +225,7 @@ class EmbeddingCache:
         """
         if len(hashes) != len(embeddings):
             raise ValueError("one embedding per hash")
-        with self._write_lock():
+        with directory_lock(self.root):
             known = self.known_hashes(hashes)
             keep = [i for i, h in enumerate(hashes) if h not in known]
             seen: set[str] = set()
@@ -249,7 +247,7 @@ class EmbeddingCache:
 
     def upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
         """Store or refresh the metadata of posters whose embeddings are already cached."""
-        with self._write_lock():
+        with directory_lock(self.root):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._upsert_records(records)
@@ -282,9 +280,56 @@ class EmbeddingCache:
         """All poster embeddings, (N, D), memory-mapped in the stored dtype; row order = insertion."""
         return self._images.read(self.num_posters)
 
+    # ----- lookups (by content hash and by poster id) ----------------------------------------------
+    def _fetch(self, query: str, args: Sequence = ()) -> list[tuple]:
+        with self._read_lock:
+            return self._db.execute(query, tuple(args)).fetchall()
+
+    def _fetch_in(self, query: str, keys: Sequence[str]) -> list[tuple]:
+        """`query` with its `IN ({})` filled for every key, in chunks under SQLite's parameter limit."""
+        out: list[tuple] = []
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), 900):
+            chunk = keys[start:start + 900]
+            out.extend(self._fetch(query.format(",".join("?" * len(chunk))), chunk))
+        return out
+
+    def row_for_hash(self, content_hash: str) -> int | None:
+        """The embedding row of a poster's content hash, or None when the cache lacks that content."""
+        found = self._fetch("SELECT row FROM posters WHERE hash = ?", (content_hash,))
+        return int(found[0][0]) if found else None
+
+    def rows_for_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
+        """Embedding rows of the content hashes the cache holds (the others are left out)."""
+        return {h: int(r) for h, r in self._fetch_in("SELECT hash, row FROM posters WHERE hash IN ({})",
+                                                     list(hashes))}
+
+    def id_rows(self, ids: Sequence[str] | None = None, *, below: int | None = None) -> dict[str, int]:
+        """Embedding row of each poster id, in id order: of `ids` (unknown ones left out) or of every
+        record, optionally only rows under `below`. Reads two columns, not whole records: a search
+        index needs this for a million posters on every start."""
+        join = "SELECT r.id, p.row FROM records r JOIN posters p ON p.hash = r.hash"
+        if ids is None:
+            where, args = ("WHERE p.row < ?", (int(below),)) if below is not None else ("", ())
+            pairs = self._fetch(f"{join} {where} ORDER BY r.id", args)
+        else:
+            pairs = sorted(self._fetch_in(f"{join} WHERE r.id IN ({{}})", ids))
+            if below is not None:
+                pairs = [(i, r) for i, r in pairs if r < below]
+        return {i: int(r) for i, r in pairs}
+
+    def record_summaries(self, ids: Sequence[str]) -> dict[str, RecordSummary]:
+        """Labelled genres, title and image path of the given poster ids (unknown ids left out)."""
+        rows = self._fetch_in("SELECT id, genres, title, image FROM records WHERE id IN ({})", ids)
+        return {pid: RecordSummary(json.loads(g), title, image) for pid, g, title, image in rows}
+
+    def labelled_genres(self) -> dict[str, list[str]]:
+        """The labelled genres of every poster id."""
+        return {pid: json.loads(g) for pid, g in self._fetch("SELECT id, genres FROM records")}
+
     def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
         """Embedding rows of the given poster ids; an unknown id is a clear error."""
-        rows = dict(self._db.execute("SELECT r.id, p.row FROM records r JOIN posters p ON p.hash = r.hash"))
+        rows = self.id_rows(ids)
         missing = [i for i in ids if i not in rows]
         if missing:
             raise ClipposterError(f"poster id {missing[0]!r} is not in the cache {self.root} "
@@ -294,11 +339,16 @@ class EmbeddingCache:
     def embeddings_for_ids(self, ids: Sequence[str], dtype=np.float32) -> np.ndarray:
         return np.asarray(self.image_matrix()[self.rows_for_ids(ids)], dtype=dtype)
 
+    def embeddings_for_rows(self, rows: Sequence[int], dtype=np.float32) -> np.ndarray:
+        """Embeddings of the given rows, (len(rows), D), converted from the stored dtype."""
+        return np.asarray(self.image_matrix()[np.asarray(rows, dtype=np.int64)], dtype=dtype).reshape(
+            len(rows), self.dim)
+
     def embedding_for_hash(self, content_hash: str) -> np.ndarray | None:
-        row = self._db.execute("SELECT row FROM posters WHERE hash = ?", (content_hash,)).fetchone()
+        row = self.row_for_hash(content_hash)
         if row is None:
             return None
-        return np.asarray(self.image_matrix()[row[0]], dtype=np.float32)
+        return np.asarray(self.image_matrix()[row], dtype=np.float32)
 
     # ----- texts ---------------------------------------------------------------------------------
     def text_embeddings(self, texts: Sequence[str], backbone=None, batch_size: int = 256) -> np.ndarray:
@@ -313,7 +363,7 @@ class EmbeddingCache:
                                       f"pass a backbone to encode them")
             self.identity.check_same(backbone.identity, f"the cache {self.root}")
             new = backbone.encode_texts([t for _, t in missing], batch_size=batch_size)
-            with self._write_lock():
+            with directory_lock(self.root):
                 rows = self._text_rows(keys)
                 todo = [(i, k, t) for i, (k, t) in enumerate(missing) if k not in rows]
                 start = self.num_texts

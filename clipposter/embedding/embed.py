@@ -1,4 +1,5 @@
-"""The encode stage: records → cache rows, each distinct poster through the frozen backbone once.
+"""The encode stage: records → cache rows, each distinct poster through the frozen backbone once;
+and the one resolver of "the cached embedding, or encode the file" (`resolve_posters`).
 
 Two passes. The first reads and hashes every poster file (cheap, threaded) so that posters already
 in the cache, and duplicates within the run, cost no decode and no model work. The second decodes
@@ -14,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clipposter.embedding.backbone import Backbone
 from clipposter.embedding.cache import EmbeddingCache
-from clipposter.errors import ClipposterError, PosterError
+from clipposter.errors import ClipposterError, ConfigError, PosterError
 from clipposter.ingest.images import DEFAULT_MAX_PIXELS, content_hash, load_poster, read_bytes
 from clipposter.records import PosterRecord
 
@@ -60,13 +61,14 @@ def _hash_file(record: PosterRecord) -> tuple[PosterRecord, str | None, str | No
         return record, None, str(exc)
 
 
-def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[str], torch.Tensor]:
-    """Path → preprocessed pixel tensor. JPEGs are decoded at a reduced DCT scale that still covers
-    the model's input size, which is most of the decode cost saved on large posters."""
+def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[..., torch.Tensor]:
+    """Path (or the file's bytes, with `name` for errors) → preprocessed pixel tensor. JPEGs are decoded
+    at a reduced DCT scale that still covers the model's input size, which is most of the decode cost
+    saved on large posters."""
     size = backbone.image_size
 
-    def load(path: str) -> torch.Tensor:
-        return backbone.preprocess(load_poster(path, max_pixels=max_pixels, draft_size=size))
+    def load(source, name: str | None = None) -> torch.Tensor:
+        return backbone.preprocess(load_poster(source, max_pixels=max_pixels, draft_size=size, name=name))
 
     return load
 
@@ -124,7 +126,7 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     """Encode the posters of `records` that the cache lacks and store every usable record."""
     cache.identity.check_same(backbone.identity, f"the cache {cache.root}")
     if batch_size < 1:
-        raise ClipposterError(f"--batch-size must be at least 1, got {batch_size}")
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
     workers = default_workers(backbone) if workers is None else max(0, workers)
     started = time.perf_counter()
     summary = EmbedSummary(records=len(records))
@@ -200,3 +202,157 @@ def reference_and_prompt_texts(records: Sequence[PosterRecord]) -> list[str | No
 
     genres = sorted({g for r in records for g in r.genres})
     return [r.tagline for r in records] + [r.overview for r in records] + prompt_texts(genres)
+
+
+# ------------------------------------------------------------------------------------------------
+# the resolver: poster files or cache ids → embeddings
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ResolvedPoster:
+    """One poster as given (a file path or a cache id) and its embedding, or why it has none."""
+
+    poster: str
+    embedding: np.ndarray | None = None  # float32 (D,), L2-normalised; None when it failed
+    source: str = ""  # "cache" (the cache held its content or id) or "encoded" (through the backbone now)
+    row: int | None = None  # the cache row it came from (cached posters)
+    content_hash: str | None = None  # of the file's bytes (files only)
+    error: str | None = None  # why it has no embedding
+
+    @property
+    def ok(self) -> bool:
+        return self.embedding is not None
+
+
+@dataclass
+class ResolvedPosters:
+    """The posters of one `resolve_posters` call, in the order given."""
+
+    items: list[ResolvedPoster]
+    dim: int
+
+    def __iter__(self) -> Iterator[ResolvedPoster]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> ResolvedPoster:
+        return self.items[i]
+
+    @property
+    def usable(self) -> list[ResolvedPoster]:
+        return [p for p in self.items if p.ok]
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """(poster, reason) of every poster without an embedding, in the order given."""
+        return [(p.poster, p.error or "") for p in self.items if not p.ok]
+
+    @property
+    def encoded(self) -> int:
+        return sum(p.source == "encoded" for p in self.items)
+
+    @property
+    def from_cache(self) -> int:
+        return sum(p.source == "cache" for p in self.items)
+
+    def embeddings(self) -> np.ndarray:
+        """(usable posters, D) float32, in the order given."""
+        usable = self.usable
+        if not usable:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([p.embedding for p in usable]).astype(np.float32, copy=False)
+
+    def raise_first_failure(self) -> None:
+        """Raise PosterError for the first poster without an embedding, if any."""
+        for p in self.items:
+            if not p.ok:
+                raise PosterError(p.poster, p.error or "no embedding")
+
+
+BackboneSource = Union[Backbone, Callable[[], Backbone], None]
+
+
+def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCache | None = None,
+                    backbone: BackboneSource = None, ids: bool = False, batch_size: int = 64,
+                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> ResolvedPosters:
+    """Embeddings of posters: from `cache` where it holds the file's content (or, with `ids`, where the
+    argument is not a file but a poster id of the cache), else encoded through `backbone` by the same
+    decode path as `embed`. Each file is read and hashed once; its bytes are decoded from memory.
+
+    backbone: a Backbone, or a function returning one, called only when some poster must be encoded
+    (so a call that finds everything cached never loads a model); None: uncached posters fail.
+    Failures (missing, unreadable, not an image, an unknown id) are reported per poster, not raised.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
+    if cache is None and backbone is None:
+        raise ConfigError("backbone", "is needed when no cache is given (nothing else can embed a poster)")
+    items = [ResolvedPoster(str(p)) for p in posters]
+    state: dict = {"backbone": None, "load": None}
+    factory = backbone is not None and not hasattr(backbone, "encode_image_tensors")
+
+    def encoder():
+        if state["backbone"] is None:
+            model = backbone() if factory else backbone
+            if cache is not None:
+                cache.identity.check_same(model.identity, f"the cache {cache.root}")
+            state["backbone"], state["load"] = model, make_loader(model, max_pixels)
+        return state["backbone"], state["load"]
+
+    if backbone is not None and not factory:
+        encoder()  # a backbone given: check it against the cache before any work
+
+    bar = tqdm(total=len(items), desc="embedding posters", unit="poster", disable=not progress, leave=False)
+    # In batches, so that the bytes of at most one batch of uncached files are held at a time.
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        data: dict[int, bytes] = {}
+        for n, item in enumerate(chunk):
+            if ids and not os.path.isfile(item.poster):
+                row = cache.id_rows([item.poster]).get(item.poster) if cache is not None else None
+                if row is None:
+                    item.error = ("not an image file nor a poster id in the cache" if cache is not None
+                                  else "not an image file")
+                else:
+                    item.row, item.source = row, "cache"
+                continue
+            try:
+                data[n] = read_bytes(item.poster)
+            except PosterError as exc:
+                item.error = exc.reason
+                continue
+            item.content_hash = content_hash(data[n])
+        known = cache.rows_for_hashes(p.content_hash for p in chunk if p.content_hash) if cache is not None else {}
+        for item in chunk:
+            if item.content_hash in known:
+                item.row, item.source = known[item.content_hash], "cache"
+        cached = [p for p in chunk if p.source == "cache"]
+        if cached:
+            for item, vec in zip(cached, cache.embeddings_for_rows([p.row for p in cached])):
+                item.embedding = vec
+        todo = [(n, p) for n, p in enumerate(chunk) if p.error is None and p.source != "cache"]
+        if todo:
+            if backbone is None:
+                for _, item in todo:
+                    item.error = "not in the cache, and no backbone to encode it"
+            else:
+                model, load = encoder()
+                pixels = []
+                for n, item in todo:
+                    try:
+                        pixels.append((item, load(data[n], name=item.poster)))
+                    except PosterError as exc:
+                        item.error = exc.reason
+                if pixels:
+                    for (item, _), vec in zip(pixels, model.encode_image_tensors(torch.stack([t for _, t in pixels]))):
+                        item.embedding, item.source = np.asarray(vec, dtype=np.float32), "encoded"
+        bar.update(len(chunk))
+    bar.close()
+    if cache is not None:
+        dim = cache.dim
+    else:  # no cache: the backbone's width (0 when it never had to be loaded, nothing was embedded)
+        dim = state["backbone"].identity.embed_dim if state["backbone"] is not None else 0
+    return ResolvedPosters(items, dim)

@@ -46,7 +46,8 @@ import numpy as np
 from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.records import PosterRecord
-from clipposter.search.index import PosterIndex, _blocked_topk
+from clipposter.search.engines import blocked_topk
+from clipposter.search.index import PosterIndex
 
 TARGET_P50_MS = 5.0
 TARGET_RECALL = 0.95
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
         q_pert /= np.linalg.norm(q_pert, axis=1, keepdims=True)
 
         t = time.perf_counter()
-        _, gt = _blocked_topk(matrix, np.concatenate([q_random, q_pert]), 10, progress=not args.json)
+        _, gt = blocked_topk(matrix, np.concatenate([q_random, q_pert]), 10, progress=not args.json)
         gt_s = time.perf_counter() - t
         sets = {"random": (q_random, gt[:args.queries]), "perturbed": (q_pert, gt[args.queries:])}
         report["exact_batch"] = {"queries": 2 * args.queries, "seconds": round(gt_s, 2),
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
                 hashes = [f"{i:064x}" for i in range(s, e)]
                 sub.add_posters(hashes, np.asarray(matrix[s:e]), [(PosterRecord(id=f"v{i:07d}"), h)
                                                                   for i, h in zip(range(s, e), hashes)])
-            _, gt_sub = _blocked_topk(sub.image_matrix(), np.concatenate([q_random, q_pert]), 10)
+            _, gt_sub = blocked_topk(sub.image_matrix(), np.concatenate([q_random, q_pert]), 10)
             sub_sets = {"random": (q_random, gt_sub[:args.queries]), "perturbed": (q_pert, gt_sub[args.queries:])}
             hn: dict = {"n": m}
             for kind in ("hnsw", "ivfpq"):
@@ -324,7 +325,7 @@ def clustered_run(root: Path, args, log) -> dict:
     log(f"clustered cache: {args.clustered_n:,} × {args.dim} around {args.clusters} centres written in "
         f"{time.perf_counter() - t:.1f} s")
     queries = mixture.draw(np.random.default_rng(args.seed + 4), args.queries)
-    _, gt = _blocked_topk(cache.image_matrix(), queries, 10)
+    _, gt = blocked_topk(cache.image_matrix(), queries, 10)
     out: dict = {"n": args.clustered_n, "clusters": args.clusters, "queries": args.queries}
 
     exact = PosterIndex.build(cache, kind="exact", progress=False)

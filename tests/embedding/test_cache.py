@@ -134,3 +134,30 @@ def test_cache_json_records_backbone(tmp_path):
     EmbeddingCache.open(tmp_path / "c", ident()).close()
     meta = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert meta["backbone"]["weights"] == "sha256:aa" and meta["dtype"] == "float16"
+
+
+def test_lookups_by_content_hash_and_by_id(tmp_path):
+    """The lookups other stages use instead of reading the cache's tables themselves."""
+    emb = unit(4)
+    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+        c.add_posters(["h0", "h1", "h2"], emb[:3],
+                      [(rec(0, title="Zero"), "h0"), (rec(1), "h1"), (rec(2), "h2"),
+                       (PosterRecord(id="p1-copy", genres=["Comedy", "Drama"]), "h1")])
+        c.add_posters(["h3"], emb[3:], [(rec(3), "h3")])
+        assert [c.row_for_hash(h) for h in ("h0", "h2", "h3", "nope")] == [0, 2, 3, None]
+        assert c.rows_for_hashes(["h3", "nope", "h1", "h3"]) == {"h3": 3, "h1": 1}
+        # every id (ids sharing content share a row), in id order; optionally only rows below a bound
+        assert list(c.id_rows().items()) == [("p0", 0), ("p1", 1), ("p1-copy", 1), ("p2", 2), ("p3", 3)]
+        assert c.id_rows(below=2) == {"p0": 0, "p1": 1, "p1-copy": 1}
+        assert c.id_rows(["p3", "ghost", "p1-copy"]) == {"p1-copy": 1, "p3": 3}
+        assert c.id_rows(["p3", "p0"], below=3) == {"p0": 0}
+        summaries = c.record_summaries(["p0", "p1-copy", "ghost"])
+        assert summaries == {"p0": (["Drama"], "Zero", "/x/p0.jpg"), "p1-copy": (["Comedy", "Drama"], None, None)}
+        assert summaries["p0"].title == "Zero"
+        assert c.labelled_genres()["p1-copy"] == ["Comedy", "Drama"] and len(c.labelled_genres()) == 5
+        np.testing.assert_array_equal(c.embeddings_for_rows([3, 1]), np.asarray(c.image_matrix()[[3, 1]], np.float32))
+        assert c.embeddings_for_rows([]).shape == (0, 8)
+        np.testing.assert_array_equal(c.embedding_for_hash("h2"), c.embeddings_for_rows([2])[0])
+        assert c.embedding_for_hash("nope") is None
+        # many keys: the lookups chunk under SQLite's bound-parameter limit
+        assert len(c.rows_for_hashes([f"x{i}" for i in range(2000)] + ["h0"])) == 1

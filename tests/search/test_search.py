@@ -16,7 +16,7 @@ from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.cli.main import main
 from clipposter.embedding.embed import embed_records, make_loader
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.records import PosterRecord
 from clipposter.search.index import GenrePredictions, PosterIndex, resolve_kind
 
@@ -115,8 +115,9 @@ def test_auto_kind_is_exact_below_threshold_and_faiss_above(tmp_path):
     assert above.kind == "ivfpq" and above.engine.base.ntotal == 400  # a faiss index holds the rows
     assert resolve_kind("auto", 99, 100) == "exact" and resolve_kind("auto", 100, 100) == "ivfpq"
     assert resolve_kind("hnsw", 5, 100) == "hnsw"
-    with pytest.raises(ClipposterError, match="index kind"):
+    with pytest.raises(ConfigError, match="^kind must be one of auto, exact, hnsw, ivfpq") as err:
         resolve_kind("annoy", 5)
+    assert err.value.field == "kind"  # the parameter; the command line names its flag instead
 
 
 @pytest.mark.parametrize("kind, options, dim", [("hnsw", {}, 32), ("ivfpq", {}, 32), ("ivfpq", {"nlist": 16}, 256)])
