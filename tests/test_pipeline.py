@@ -20,7 +20,8 @@ def test_demo_run_has_every_part(demo_run):
     for key in ("cache", "genre_head", "caption_head", "report"):
         assert (demo_run / run[key]).exists(), key
     assert (demo_run / "genres" / "evaluation.json").is_file()
-    assert (demo_run / "genres" / "evaluation.png").is_file()
+    chart = (demo_run / "genres" / "evaluation.svg").read_text()
+    assert chart.startswith("<?xml") and "Per-genre F1 on" in chart
     captions = json.loads((demo_run / "taglines" / "evaluation.json").read_text())
     assert set(captions["scores"]["systems"]) == {"generated", "chance", "constant"}
     html = (demo_run / "report.html").read_text()
