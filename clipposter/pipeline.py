@@ -272,10 +272,10 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
     from clipposter.heads.caption.model import CaptionHead
     from clipposter.heads.caption.train import TrainConfig, train_caption_head
-    from clipposter.heads.genre.head import GenreHead, TrainOptions, evaluate_genres, train_genre_head
-    from clipposter.heads.genre.metrics import write_genre_evaluation
+    from clipposter.heads.genre import GenreHead, evaluate_genres, train_genre_head
+    from clipposter.heads.genre import TrainConfig as GenreTrainConfig
+    from clipposter.heads.genre.evaluate import write_genre_evaluation
     from clipposter.report.build import build_report
-    from clipposter.report.charts import write_genre_f1_chart
     from clipposter.run import RUN_FILE, write_run
     from clipposter.search.index import PosterIndex
 
@@ -303,7 +303,7 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     else:
         shutil.rmtree(genre_dir, ignore_errors=True)
         result = train_genre_head(cache, architecture=settings["architecture"],
-                                  options=TrainOptions(seed=seed, **settings["options"]), backbone=backbone,
+                                  options=GenreTrainConfig(seed=seed, **settings["options"]), backbone=backbone,
                                   progress=stages.verbose)
         head = result.head
         head.save_pretrained(genre_dir)
@@ -313,8 +313,6 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
 
     t = stages.start("genre_eval", "evaluating the genre head beside its baselines")
     genre_eval = evaluate_genres(head, cache, seed=seed, progress=stages.verbose)
-    chart = write_genre_f1_chart(genre_eval, genre_dir / "evaluation.svg")
-    genre_eval["chart"] = str(chart) if chart else None
     write_genre_evaluation(genre_eval, head.genres, genre_dir / "evaluation.json")
     stages.end("genre_eval", t, **_genre_headline(genre_eval))
 

@@ -46,9 +46,9 @@ def _read_templates(path: str | None) -> list[str]:
 
 def cmd_train_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.heads.genre.head import TrainOptions, parse_genre_spec, parse_pos_weight, train_genre_head
+    from clipposter.heads.genre import TrainConfig, parse_genre_spec, parse_pos_weight, train_genre_head
 
-    options = TrainOptions(loss=args.loss, pos_weight=parse_pos_weight(args.pos_weight), focal_gamma=args.focal_gamma,
+    options = TrainConfig(loss=args.loss, pos_weight=parse_pos_weight(args.pos_weight), focal_gamma=args.focal_gamma,
                            asl_gamma_neg=args.asl_gamma_neg, asl_gamma_pos=args.asl_gamma_pos, asl_clip=args.asl_clip,
                            lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
                            lr_patience=args.lr_patience, weight_decay=args.weight_decay, seed=args.seed,
@@ -98,8 +98,8 @@ def cmd_train_genres(args) -> int:
 
 def cmd_evaluate_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.heads.genre.head import GenreHead, evaluate_genres
-    from clipposter.heads.genre.metrics import format_genre_per_genre, format_genre_table, write_genre_evaluation
+    from clipposter.heads.genre import GenreHead, evaluate_genres
+    from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table, write_genre_evaluation
 
     head = GenreHead.from_pretrained(args.head)
     baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]

@@ -1,8 +1,3 @@
-"""Heads trained on the embedding cache. `genre`: the ML-Decoder genre head and its baselines."""
-from __future__ import annotations
-
-from clipposter.heads.genre.head import (DecoderConfig, GenreData, GenreHead, MLDecoder, PosterPrediction, TrainOptions, TrainResult,
-                    evaluate_genres, genre_loss, load_genre_data, parse_genre_spec, train_genre_head)
-
-__all__ = ["DecoderConfig", "GenreData", "GenreHead", "MLDecoder", "PosterPrediction", "TrainOptions", "TrainResult",
-           "evaluate_genres", "genre_loss", "load_genre_data", "parse_genre_spec", "train_genre_head"]
+"""Heads trained on the embedding cache, one package each: `genre` (the ML-Decoder genre head and its
+baselines) and `caption` (taglines and plots). Import from the head's package, e.g.
+`from clipposter.heads.genre import GenreHead, TrainConfig, train_genre_head`."""

@@ -30,7 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from clipposter.heads.genre.head import DecoderConfig, MLDecoder, TrainOptions, _loss_fn, fit_decoder  # noqa: E402
+from clipposter.heads.genre.config import DecoderConfig, TrainConfig  # noqa: E402
+from clipposter.heads.genre.model import MLDecoder, make_loss  # noqa: E402
+from clipposter.heads.genre.train import fit_decoder  # noqa: E402
 
 
 def make_data(n: int, dim: int, genres: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,12 +54,12 @@ def build(cfg: DecoderConfig, text: np.ndarray, x: np.ndarray, y: np.ndarray, se
     return module
 
 
-def time_general(module: MLDecoder, x: np.ndarray, y: np.ndarray, options: TrainOptions, batches: int) -> float:
+def time_general(module: MLDecoder, x: np.ndarray, y: np.ndarray, options: TrainConfig, batches: int) -> float:
     """Seconds per training step of the plain (materialised) computation of the same module."""
     module.force_general = True
     module.train()
     opt = torch.optim.Adam(module.parameters(), lr=options.lr)
-    loss_fn = _loss_fn(options, None)
+    loss_fn = make_loss(options, None)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     bs = options.batch_size
     started = None
@@ -96,8 +98,8 @@ def main() -> int:
     x, y, text = make_data(args.posters + args.validation, args.dim, args.genres, args.seed)
     xtr, ytr, xva, yva = x[:args.posters], y[:args.posters], x[args.posters:], y[args.posters:]
     cfg = DecoderConfig(embed_dim=args.dim, num_genres=args.genres, width=args.width, mlp_hidden=args.mlp_hidden)
-    options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs + 1,
-                           lr_patience=args.epochs + 1, seed=args.seed)
+    options = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs + 1,
+                          lr_patience=args.epochs + 1, seed=args.seed)
     module = build(cfg, text, xtr, ytr, args.seed)
 
     started, cpu_started = time.perf_counter(), time.process_time()

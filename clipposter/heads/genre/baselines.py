@@ -1,5 +1,5 @@
-"""Baselines for the genre head, in the same framework (each is a `GenreHead` with a torch module,
-saved and loaded the same way, scored by the same metrics):
+"""Baselines for the genre head, in the same framework (each is a `GenreHead` with a torch module of
+`clipposter.heads.genre.model`, saved and loaded the same way, scored by the same metrics):
 
 - zero-shot CLIP: cosine between the poster and each genre's prompt embedding, ×100 and softmaxed
   over the genres as CLIP's zero-shot classifier does; no training at all.
@@ -15,45 +15,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.prompts import DEFAULT_TEMPLATES
 from clipposter.heads.genre.head import GenreHead
+from clipposter.heads.genre.model import LinearProbe, ZeroShotClassifier
 
-CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature saturates at 100; zero-shot classifiers use it
-
-
-class ZeroShotClassifier(nn.Module):
-    """logits = scale · cos(poster, genre prompt); the head applies a softmax over genres."""
-
-    def __init__(self, genre_text: np.ndarray | torch.Tensor | None, logit_scale: float = CLIP_LOGIT_SCALE):
-        super().__init__()
-        text = torch.as_tensor(np.asarray(genre_text, dtype=np.float32))
-        self.register_buffer("genre_text", F.normalize(text, dim=-1))
-        self.logit_scale = float(logit_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            x = x.mean(1)
-        return self.logit_scale * F.normalize(x.float(), dim=-1) @ self.genre_text.T
-
-
-class LinearProbe(nn.Module):
-    """logits = ((x - mean) / scale) · Wᵀ + b, with W, b from per-genre logistic regressions."""
-
-    def __init__(self, embed_dim: int, num_genres: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(embed_dim))
-        self.register_buffer("scale", torch.ones(embed_dim))
-        self.register_buffer("weight", torch.zeros(num_genres, embed_dim))
-        self.register_buffer("bias", torch.zeros(num_genres))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            x = x.mean(1)
-        return ((x.float() - self.mean) / self.scale) @ self.weight.T + self.bias
+__all__ = ["fit_linear_probe", "zero_shot_head", "LinearProbe", "ZeroShotClassifier"]
 
 
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0, max_iter: int = 1000,
@@ -108,7 +76,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0
                      f"value in training; predicted with a constant probability")
     if unconverged:
         notes.append(f"linear probe: the solver did not converge for {', '.join(unconverged)} in {max_iter} "
-                     f"iterations; scores may improve with a smaller --probe-c")
+                     f"iterations; scores may improve with a smaller C (probe_c)")
     return module.eval(), notes
 
 

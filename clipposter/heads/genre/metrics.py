@@ -1,24 +1,16 @@
-"""Evaluation metrics.
-
-Genre section (functions named `genre_*`): multi-label precision / recall / F1 with micro, macro and
-per-sample averaging, mAP, per-genre scores, threshold calibration, the constant most-frequent-genres
-baseline, the text tables of `clipposter evaluate genres` and its per-genre F1 chart. All counting
-is done by scikit-learn; this module only decides what is counted and how it is shown.
+"""Genre metrics (functions named `genre_*`): multi-label precision / recall / F1 with micro, macro and
+per-sample averaging, mAP, per-genre scores, threshold calibration and the constant
+most-frequent-genres baseline. All counting is done by scikit-learn; this module only decides what
+is counted. The text tables and the chart of these numbers are in `clipposter.heads.genre.evaluate`.
 
 Conventions: `y_true` is an (N, G) 0/1 matrix, `scores` an (N, G) float matrix, and a genre is
 predicted when its score is >= its threshold (the same `>=` everywhere, 0.5 included).
 """
 from __future__ import annotations
 
-import math
-import os
-import warnings
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
-
-# ======================================================================================= genres ==
 
 GENRE_AVERAGES = ("micro", "macro", "samples")
 
@@ -187,123 +179,3 @@ def genre_constant_predictions(n: int, order: Sequence[int], k: int, num_genres:
     pred = np.zeros((n, num_genres), np.int8)
     pred[:, list(order[:k])] = 1
     return pred
-
-
-# ----- presentation ----------------------------------------------------------------------------
-
-def _fmt(x: float | None, width: int = 6) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a".rjust(width)
-    return f"{x:.3f}".rjust(width)
-
-
-def format_genre_table(report: Mapping) -> str:
-    """The paper's Table 1 (micro P/R/F1 on train, validation, test) with macro, per-sample and mAP
-    beside it, one row per model × threshold setting × split."""
-    head = (f"{'model':<16}{'thresholds':<12}{'split':<12}"
-            f"{'micro P':>8}{'R':>7}{'F1':>7}  |{'macro P':>8}{'R':>7}{'F1':>7}  |"
-            f"{'sample P':>9}{'R':>7}{'F1':>7}  |{'mAP':>7}  |{'labels':>7}{'pred':>6}")
-    lines = [head, "-" * len(head)]
-    for name, model in report["models"].items():
-        for setting, by_split in model["results"].items():
-            for split, r in by_split.items():
-                label = setting if setting != "top-k" else f"top-{model.get('k')}"
-                if r is None:
-                    lines.append(f"{name:<16}{label:<12}{split:<12}{'(no posters)':>22}")
-                    continue
-                mi, ma, sa = r["micro"], r["macro"], r["samples"]
-                lines.append(
-                    f"{name:<16}{label:<12}{split:<12}"
-                    f"{_fmt(mi['precision'], 8)}{_fmt(mi['recall'], 7)}{_fmt(mi['f1'], 7)}  |"
-                    f"{_fmt(ma['precision'], 8)}{_fmt(ma['recall'], 7)}{_fmt(ma['f1'], 7)}  |"
-                    f"{_fmt(sa['precision'], 9)}{_fmt(sa['recall'], 7)}{_fmt(sa['f1'], 7)}  |"
-                    f"{_fmt(r['map'], 7)}  |{r['labels_per_poster']:>7.2f}{r['predicted_per_poster']:>6.2f}")
-            lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-def format_genre_per_genre(report: Mapping) -> str:
-    """Per-genre precision/recall/F1/support of the head at its calibrated thresholds on the
-    report's per-genre split, with each baseline's F1 beside it."""
-    split = report.get("per_genre_split")
-    if split is None:
-        return "(no labelled validation or test posters: no per-genre table)"
-    main = report["head"]["name"]
-    rows = report["models"][main]["results"]["calibrated"][split]["per_genre"]
-    others = []
-    for name, model in report["models"].items():
-        if name == main:
-            continue
-        setting = "calibrated" if "calibrated" in model["results"] else "top-k"
-        others.append((name, model["results"][setting][split]["per_genre"]))
-    width = max([5] + [len(r["genre"]) for r in rows]) + 2
-    head = (f"{'genre':<{width}}{'support':>8}{'thresh':>8}{'P':>7}{'R':>7}{'F1':>7}{'AP':>7}"
-            + "".join(f"{(n + ' F1'):>{max(len(n) + 5, 10)}}" for n, _ in others))
-    lines = [f"per genre on {split} ({main} at calibrated thresholds; baselines' F1 beside it)", head,
-             "-" * len(head)]
-    for g, r in enumerate(rows):
-        lines.append(f"{r['genre']:<{width}}{r['support']:>8}{_fmt(r.get('threshold'), 8)}"
-                     f"{_fmt(r['precision'], 7)}{_fmt(r['recall'], 7)}{_fmt(r['f1'], 7)}{_fmt(r.get('ap'), 7)}"
-                     + "".join(f"{_fmt(o[g]['f1'], max(len(n) + 5, 10))}" for n, o in others))
-    return "\n".join(lines)
-
-
-def genre_f1_chart(genres: Sequence[str], series: Mapping[str, Sequence[float]], path: str | os.PathLike,
-                   title: str = "per-genre F1") -> Path:
-    """A grouped bar chart of per-genre F1, one bar colour per model, written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(genres)
-    names = list(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n * max(1, len(names)) / 2 + 2), 4.2))
-    width = 0.8 / max(1, len(names))
-    x = np.arange(n)
-    for i, name in enumerate(names):
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, list(series[name]), width, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels(list(genres), rotation=45, ha="right")
-    # Headroom above 1.0 so the legend never covers a perfect score.
-    ax.set_ylim(0, 1.18)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("F1")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", frameon=False)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tight_layout warns about crowded tick labels on many genres
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_genre_evaluation(report: dict, genres: Sequence[str], out: str | os.PathLike,
-                           chart: str | os.PathLike | None = None) -> dict:
-    """Save a genre evaluation report as JSON (atomically) and, when it has a per-genre split, its
-    per-genre F1 chart as PNG. Records both paths in the report ("json", "chart") and returns it."""
-    import json
-
-    out = Path(out)
-    chart = Path(chart) if chart is not None else out.with_suffix(".png")
-    split = report["per_genre_split"]
-    report["chart"] = None
-    if split is not None:
-        series = {}
-        for name, model in report["models"].items():
-            setting = "calibrated" if "calibrated" in model["results"] else "top-k"
-            label = name if setting == "calibrated" else f"{name} top-{model['k']}"
-            series[label] = [r["f1"] for r in model["results"][setting][split]["per_genre"]]
-        genre_f1_chart(genres, series, chart, title=f"per-genre F1 on {split} (calibrated thresholds)")
-        report["chart"] = str(chart)
-    report["json"] = str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
-    return report

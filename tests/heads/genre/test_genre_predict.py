@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from clipposter.embedding.backbone import BackboneIdentity
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.genre.head import GenreHead
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
@@ -111,8 +111,9 @@ def test_default_thresholds_are_one_half_per_genre():
 @pytest.mark.parametrize("bad", ["best", 0, 1, 1.5, -0.1, "0"])
 def test_bad_threshold_is_a_clear_error(bad):
     h = head(thresholds=THRESHOLDS)
-    with pytest.raises(ClipposterError, match=r"^--threshold must be"):
+    with pytest.raises(ConfigError, match=r"^threshold must be") as caught:
         h.thresholds_for(bad)
+    assert caught.value.field == "threshold"
 
 
 def test_wrong_number_of_thresholds_is_a_clear_error():

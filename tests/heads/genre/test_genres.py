@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,13 +13,16 @@ import torch
 
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records, make_loader
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.genre.baselines import fit_linear_probe, zero_shot_head
-from clipposter.heads.genre.head import (DecoderConfig, GenreHead, MLDecoder, TrainOptions, _HiddenReadout,
-                                    evaluate_genres, fit_decoder, genre_loss, load_genre_data, parse_genre_spec,
-                                    train_genre_head)
+from clipposter.heads.genre.config import DecoderConfig, TrainConfig
+from clipposter.heads.genre.data import load_genre_data, parse_genre_spec
+from clipposter.heads.genre.evaluate import evaluate_genres
+from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.metrics import (genre_calibrate_thresholds, genre_constant_top_k, genre_predictions, genre_prf,
-                                genre_scores)
+                                            genre_scores)
+from clipposter.heads.genre.model import MLDecoder, _HiddenReadout, genre_loss
+from clipposter.heads.genre.train import fit_decoder, train_genre_head
 from clipposter.records import PosterRecord
 from clipposter.ingest.synthetic import SYNTHETIC_GENRES, generate_posters
 
@@ -43,7 +47,7 @@ def poster_cache(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="module")
 def trained(poster_cache, tiny_backbone):
-    return train_genre_head(poster_cache, architecture=SMALL, options=TrainOptions(**SMALL_OPTS),
+    return train_genre_head(poster_cache, architecture=SMALL, options=TrainConfig(**SMALL_OPTS),
                             backbone=tiny_backbone, progress=False)
 
 
@@ -231,21 +235,31 @@ def test_token_memory_head_trains_through_the_api():
     x = rng.standard_normal((120, 5, 32)).astype(np.float32) + y[:, None, :] @ rng.standard_normal((7, 32)).astype(np.float32)
     m = _perturbed_decoder(memory="tokens", dropout=0.1)
     m.set_input_stats(x[:100])
-    history = fit_decoder(m, x[:100], y[:100], x[100:], y[100:], TrainOptions(lr=3e-3, epochs=3, batch_size=32),
+    history = fit_decoder(m, x[:100], y[:100], x[100:], y[100:], TrainConfig(lr=3e-3, epochs=3, batch_size=32),
                           progress=False)
     assert len(history) == 3 and all(math.isfinite(e.train_loss) for e in history)
     assert history[-1].train_loss < history[0].train_loss
 
 
-def test_bad_architecture_is_a_clear_error():
-    with pytest.raises(ClipposterError, match="--heads 5 must divide --width 64"):
-        DecoderConfig(embed_dim=8, num_genres=3, width=64, num_heads=5).validate()
-    with pytest.raises(ClipposterError, match="--groups"):
-        DecoderConfig(embed_dim=8, num_genres=3, num_groups=4).validate()
-    with pytest.raises(ClipposterError, match="--loss"):
-        TrainOptions(loss="hinge").validate()
-    with pytest.raises(ClipposterError, match="--pos-weight"):
-        TrainOptions(pos_weight="lots").validate()
+@pytest.mark.parametrize("make, field, message", [
+    (lambda: DecoderConfig(embed_dim=8, num_genres=3, width=64, num_heads=5).validate(), "num_heads",
+     r"num_heads must divide width \(64\), got 5"),
+    (lambda: DecoderConfig(embed_dim=8, num_genres=3, num_groups=4).validate(), "num_groups",
+     r"num_groups must be between 1 and the number of genres \(3\), got 4"),
+    (lambda: DecoderConfig(embed_dim=8, num_genres=3, memory="patches").validate(), "memory", "memory must be one of"),
+    (lambda: TrainConfig(loss="hinge").validate(), "loss", "loss must be one of bce, focal, asl, got 'hinge'"),
+    (lambda: TrainConfig(pos_weight="lots").validate(), "pos_weight",
+     "pos_weight must be none, auto or a positive number, got 'lots'"),
+    (lambda: TrainConfig(asl_clip=1.0).validate(), "asl_clip", r"asl_clip must be in \[0, 1\)"),
+    (lambda: train_genre_head(SimpleNamespace(root="c"), kind="svm"), "kind", "kind must be one of"),
+    (lambda: train_genre_head(SimpleNamespace(root="c"), architecture={"memory": "tokens"}), "memory",
+     "memory 'tokens' needs ViT token sequences, but the cache c stores one pooled embedding per poster"),
+])
+def test_bad_settings_are_config_errors_that_name_the_parameter(make, field, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as caught:
+        make()
+    assert caught.value.field == field
+    assert "--" not in str(caught.value)  # library messages name parameters; the CLI names its flags
 
 
 # ==================================================================================== data ==
@@ -313,7 +327,7 @@ def test_genre_without_positive_examples_trains_without_nan(tmp_path, tiny_backb
     with fake_cache(tmp_path / "c", tiny_backbone, rows) as cache:
         for kind in ("ml-decoder", "linear-probe"):
             result = train_genre_head(cache, kind=kind, genres=genres, architecture=SMALL if kind == "ml-decoder" else None,
-                                      options=TrainOptions(lr=1e-3, epochs=3, batch_size=16, pos_weight="auto"),
+                                      options=TrainConfig(lr=1e-3, epochs=3, batch_size=16, pos_weight="auto"),
                                       backbone=tiny_backbone, progress=False)
             assert any("no training poster is labelled Western" in w for w in result.warnings)
             probs = result.head.predict_proba(cache.embeddings_for_ids(["p000", "p001"]))
@@ -445,7 +459,7 @@ def test_calibrated_thresholds_raise_recall_on_splits_they_were_not_fitted_on(tm
     control's test F1 sat ≥ 0.074 below the 0.5 cut's and ≥ 0.125 below the calibrated one's."""
     with imbalanced_cache(tmp_path / "c", tiny_backbone, data_seed) as cache:
         result = train_genre_head(cache, architecture=SMALL, backbone=tiny_backbone, progress=False,
-                                  options=TrainOptions(lr=1e-3, epochs=20, batch_size=64, patience=3, seed=seed))
+                                  options=TrainConfig(lr=1e-3, epochs=20, batch_size=64, patience=3, seed=seed))
         scores = evaluate_genres(result.head, cache, baselines=(), progress=False)["models"]["ml-decoder"]["results"]
         data = load_genre_data(cache, result.head.genres)
     half, cal = scores["0.5"], scores["calibrated"]
@@ -499,7 +513,7 @@ def test_default_configuration_runs(poster_cache, tiny_backbone):
 
 
 def test_training_is_seeded(poster_cache, tiny_backbone):
-    opts = TrainOptions(lr=1e-3, epochs=2, batch_size=64)
+    opts = TrainConfig(lr=1e-3, epochs=2, batch_size=64)
     a = train_genre_head(poster_cache, architecture=SMALL, options=opts, backbone=tiny_backbone, progress=False)
     b = train_genre_head(poster_cache, architecture=SMALL, options=opts, backbone=tiny_backbone, progress=False)
     x = poster_cache.embeddings_for_ids([r.id for r in poster_cache.records("test")][:10])
@@ -516,7 +530,7 @@ def trained_by_loss(poster_cache, tiny_backbone):
     """The same head trained with each loss option: same data, seed, initialisation and batches."""
     out = {}
     for loss, params in LOSS_OPTIONS.items():
-        opts = TrainOptions(lr=1e-3, epochs=4, batch_size=64, patience=10, loss=loss, **params)
+        opts = TrainConfig(lr=1e-3, epochs=4, batch_size=64, patience=10, loss=loss, **params)
         out[loss] = (opts, train_genre_head(poster_cache, architecture=SMALL, options=opts, backbone=tiny_backbone,
                                             progress=False))
     return out

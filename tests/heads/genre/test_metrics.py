@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from clipposter.heads.genre.metrics import (format_genre_per_genre, format_genre_table, genre_average_precision,
-                                genre_calibrate_thresholds, genre_constant_predictions, genre_constant_top_k,
-                                genre_per_genre, genre_predictions, genre_prf, genre_scores, write_genre_evaluation)
+from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table, write_genre_evaluation
+from clipposter.heads.genre.metrics import (genre_average_precision, genre_calibrate_thresholds, genre_constant_predictions,
+                                            genre_constant_top_k, genre_per_genre, genre_predictions, genre_prf,
+                                            genre_scores)
 
 GENRES = ["Drama", "Comedy", "Horror"]
 Y = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
@@ -158,15 +159,15 @@ def test_per_genre_table_puts_baselines_beside_the_head():
     assert format_genre_per_genre(_report(False)).startswith("(no labelled validation or test posters")
 
 
-def test_evaluation_is_written_as_json_with_its_chart(tmp_path):
+def test_evaluation_is_written_as_json(tmp_path):
     report = write_genre_evaluation(_report(), GENRES, tmp_path / "eval" / "genres.json")
     saved = json.loads((tmp_path / "eval" / "genres.json").read_text())
     assert saved["json"] == str(tmp_path / "eval" / "genres.json") == report["json"]
-    assert saved["chart"] == str(tmp_path / "eval" / "genres.png")
-    assert (tmp_path / "eval" / "genres.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["chart"] is None  # the chart is the presentation layer's (clipposter.report.charts)
+    assert saved["models"] == json.loads(json.dumps(_report()["models"]))
     assert not list((tmp_path / "eval").glob("*.tmp"))
-    bare = write_genre_evaluation(_report(False), GENRES, tmp_path / "b.json", chart=tmp_path / "c.png")
-    assert bare["chart"] is None and not (tmp_path / "c.png").exists()
+    drawn = write_genre_evaluation({**_report(), "chart": "c.svg"}, GENRES, tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["chart"] == "c.svg" == drawn["chart"]
 
 
 def test_calibration_skips_cuts_that_catch_no_positive():
