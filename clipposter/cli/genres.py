@@ -100,6 +100,7 @@ def cmd_evaluate_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.genre import GenreHead, evaluate_genres
     from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table, write_genre_evaluation
+    from clipposter.report.charts import write_genre_f1_chart
 
     head = GenreHead.from_pretrained(args.head)
     baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -107,8 +108,9 @@ def cmd_evaluate_genres(args) -> int:
         report = evaluate_genres(head, cache, baselines=baselines, probe_c=args.probe_c, seed=args.seed,
                                  progress=not args.json)
     out = Path(args.out) if args.out else Path(args.head) / "evaluation.json"
-    chart = Path(args.chart) if args.chart else out.with_suffix(".png")
-    write_genre_evaluation(report, head.genres, out, chart)
+    chart = Path(args.chart) if args.chart else out.with_suffix(".svg")
+    report["chart"] = str(chart) if write_genre_f1_chart(report, chart) else None
+    write_genre_evaluation(report, head.genres, out)
     _warn(report["warnings"])
     p = report["posters"]
     text = "\n".join([
@@ -255,7 +257,7 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--head", required=True, help="trained head folder")
     p.add_argument("--cache", required=True, help="embedding cache with labelled train/validation/test posters")
     p.add_argument("--out", default=None, help="JSON report path (default: HEAD/evaluation.json)")
-    p.add_argument("--chart", default=None, help="per-genre F1 chart, PNG (default: the JSON path with .png)")
+    p.add_argument("--chart", default=None, help="per-genre F1 chart, SVG (default: the JSON path with .svg)")
     p.add_argument("--baselines", default="zero-shot,linear-probe,constant",
                    help="comma-separated baselines to score beside the head, or none")
     p.add_argument("--probe-c", type=float, default=1.0, help="linear probe baseline: scikit-learn C")

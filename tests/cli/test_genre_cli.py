@@ -75,8 +75,8 @@ def test_evaluate_writes_json_and_chart(capsys, head_dir, cache_dir, tmp_path):
                    "constant", "calibrated", "validation", "per genre on test"):
         assert needle in stdout
     report = json.loads(out.read_text())
-    assert report["chart"] == str(out.with_suffix(".png"))
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["chart"] == str(out.with_suffix(".svg"))
+    assert "ml-decoder (head)" in out.with_suffix(".svg").read_text()
     code, stdout, _ = run(capsys, "evaluate", "genres", "--head", head_dir, "--cache", cache_dir, "--out", out,
                           "--baselines", "constant", "--json")
     assert code == 0
