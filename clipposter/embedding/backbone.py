@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
+from clipposter.files import atomic_path
 
 TINY_MODEL = "clipposter-tiny"
 RANDOM_SEED = 0
@@ -93,9 +94,9 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipposterError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        raise ConfigError("device", f"{device!r} was asked for but CUDA is not available; use 'cpu'")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ClipposterError("--device mps was asked for but MPS is not available; use --device cpu")
+        raise ConfigError("device", "'mps' was asked for but MPS is not available; use 'cpu'")
     return torch.device(device)
 
 
@@ -120,7 +121,7 @@ class Backbone:
         self.identity = identity
         self.device = device
         if precision not in _PRECISIONS:
-            raise ClipposterError(f"--precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+            raise ConfigError("precision", f"must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         if precision != "fp32" and device.type == "cpu":
             # Half-precision autocast on CPU is slow or unsupported for many ops; CPU keeps fp32.
             logging.getLogger(__name__).info("precision %s ignored on CPU; using fp32", precision)
@@ -224,9 +225,10 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
             raise ClipposterError(f"unknown backbone {model_name!r}: use an open_clip architecture such as "
                                   f"ViT-B-32, or hf-hub:ORG/NAME")
         if pretrained not in known:
-            raise ClipposterError(
-                f"--pretrained {pretrained!r} is neither a file nor a tag open_clip knows for {model_name} "
-                f"(known tags: {', '.join(known) or 'none'}); pass a tag or the path of a local checkpoint")
+            raise ConfigError(
+                "pretrained", f"{pretrained!r} is neither a file nor a tag open_clip knows for {model_name} "
+                              f"(known tags: {', '.join(known) or 'none'}); pass a tag or the path of a local "
+                              f"checkpoint")
         weights, tag = pretrained, pretrained
     else:
         if model_name not in open_clip.list_models():
@@ -288,9 +290,7 @@ def save_tiny_backbone(path: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = open_clip.create_model(TINY_MODEL, pretrained=None)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return path

@@ -24,7 +24,10 @@ def find_duplicates(index: "PosterIndex", threshold: float = DEFAULT_DUPLICATE_T
     n = index.ntotal
     if exact is None:
         exact = index.kind == "exact" or n < index.threshold
-    row_pairs = _row_pairs_exact(index, threshold, progress) if exact else _row_pairs_ann(index, threshold, progress, batch)
+    if exact:
+        row_pairs = _row_pairs_exact(index, threshold, progress)
+    else:
+        row_pairs = _row_pairs_ann(index, threshold, progress, batch)
     pairs: dict[tuple[str, str], float] = {}
     for ids in index.row_ids:  # same content, several ids
         for a_i, a in enumerate(ids):

@@ -42,7 +42,7 @@ def import_faiss():
         import faiss
     except ImportError:
         raise ClipposterError("this needs faiss, which is not installed: pip install 'clipposter[scale]' "
-                              "(faiss-cpu), or search exactly with --kind exact") from None
+                              "(faiss-cpu), or search exactly (kind='exact')") from None
     return faiss
 
 
@@ -288,7 +288,7 @@ def _pq_subquantizers(dim: int) -> int:
     for per in (4, 2, 8, 1):
         if dim % per == 0 and (dim // per) % 2 == 0:  # fast-scan packs codes in pairs of sub-quantizers
             return dim // per
-    raise ClipposterError(f"embedding width {dim} cannot be product-quantised; use --kind exact or hnsw")
+    raise ClipposterError(f"embedding width {dim} cannot be product-quantised; use kind 'exact' or 'hnsw'")
 
 
 class IVFPQEngine(Engine):

@@ -259,7 +259,7 @@ class PosterIndex:
         start = self.engine.ntotal if self.engine.kind != "exact" else len(self.engine.matrix)
         if len(matrix) < start or cache_fingerprint(self.cache, start) != self.meta.get("fingerprint"):
             raise ClipposterError(f"the cache {self.cache.root} changed under the index (rows rewritten); "
-                                  f"rebuild it with --rebuild")
+                                  f"rebuild the index (rebuild=True)")
         added = len(matrix) - start
         if added:
             self.engine.add(matrix, start, progress)
