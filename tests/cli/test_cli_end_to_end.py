@@ -52,7 +52,7 @@ def url_manifest(path: Path, server, records, missing_id: str = "lost-poster") -
 # ------------------------------------------------------------------------------------------------
 def test_synth_writes_posters_and_a_manifest_that_embed_reads(tmp_path, capsys, tiny_checkpoint):
     out = tmp_path / "synthetic"
-    code, stdout, _ = run_cli(capsys, "synth", out, "-n", 12, "--seed", 7, "--json")
+    code, stdout, _ = run_cli(capsys, "synth", "--out", out, "-n", 12, "--seed", 7, "--json")
     assert code == 0
     assert json.loads(stdout) == {"posters": 12, "manifest": str(out / "manifest.csv")}
     rows = read_csv(out / "manifest.csv")

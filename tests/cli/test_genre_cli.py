@@ -190,8 +190,9 @@ def test_predict_refuses_a_cache_of_another_backbone(capsys, head_dir, cache_dir
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--memory", "tokens"], "not ViT token sequences; train with --memory pooled"),
-    (["--heads", "3"], "--heads 3 must divide --width 32"),
+    # library errors name the parameter; the command line names the flag that sets it
+    (["--memory", "tokens"], "error: --memory 'tokens' needs ViT token sequences"),
+    (["--heads", "3"], "error: --heads must divide width (32), got 3"),
     (["--pos-weight", "many"], "--pos-weight must be none, auto or a positive number"),
 ])
 def test_train_bad_options_are_one_line_errors(capsys, cache_dir, tmp_path, argv, message):

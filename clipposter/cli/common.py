@@ -1,0 +1,130 @@
+"""What every command module of the CLI shares: the common flags, printing, and argument helpers.
+
+Light at import time on purpose: `clipposter --help` builds every parser, and nothing here (or in the
+command modules' argument definitions) may import torch, open_clip, transformers, faiss or gradio.
+Heavy imports happen inside the functions that run a command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 2
+
+# The decoding strategies of clipposter.heads.caption.decoding.STRATEGIES, spelled out here so that
+# parsing arguments does not import torch (a test checks that the two lists agree).
+STRATEGY_CHOICES = ("greedy", "beam", "poster2plot", "sample", "lstm")
+DEFAULT_STRATEGY = "lstm"
+
+
+# ---------------------------------------------------------------------------------- printing
+
+def emit(args, payload: dict, text: str) -> None:
+    """Print `payload` as JSON with --json, else the human-readable `text`."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text)
+
+
+def warn(lines) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- the shared flags
+# One shape for every command: `--cache DIR` names the embedding cache, `--head DIR` the head a
+# command uses, `--out` what it writes (a folder, or a JSON/HTML file), `--json` prints JSON.
+
+def add_json_flag(p: argparse.ArgumentParser, help: str = "print machine-readable JSON") -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def add_cache_flag(p, required: bool = True, help: str = "embedding cache directory (from `clipposter embed`)") -> None:
+    p.add_argument("--cache", metavar="DIR", required=required, default=None, help=help)
+
+
+def add_head_flag(p, help: str = "trained head folder") -> None:
+    p.add_argument("--head", metavar="DIR", required=True, help=help)
+
+
+def add_device_flag(p, help: str = "auto, cpu, cuda, cuda:N or mps") -> None:
+    p.add_argument("--device", default="auto", help=help)
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="ViT-B-32",
+                   help="open_clip architecture (ViT-B-32, ViT-L-14, clipposter-tiny) or hf-hub:ORG/NAME")
+    g.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag (openai, laion2b_s34b_b79k, ...) or a local checkpoint file; "
+                        "'random' for seeded random weights (benchmarks only)")
+    add_device_flag(g)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="autocast precision on GPU (auto: fp16 on CUDA, fp32 on CPU)")
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source")
+    for col, default in [("id", "id"), ("image", "image"), ("genres", "genres"), ("tagline", "tagline"),
+                         ("overview", "overview"), ("split", "split"), ("title", "title"), ("url", "url")]:
+        g.add_argument(f"--{col}-col", default=None, help=f"manifest column with the {col} (default: {default})")
+    g.add_argument("--image-root", default=None, help="folder that relative image paths in a manifest start from")
+    g.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split (default 0)")
+    g.add_argument("--download-dir", default=None,
+                   help="download posters that only have a URL into this folder before embedding")
+
+
+# ------------------------------------------------------------------------------ from arguments
+
+def pretrained_arg(value: str | None) -> str | None:
+    """A --pretrained value for a command that only needs it when a checkpoint moved: none → None."""
+    return None if value in (None, "", "none") else value
+
+
+def backbone_from_args(args):
+    from clipposter.embedding.backbone import load_backbone
+
+    pretrained = None if args.pretrained in ("random", "none", "") else args.pretrained
+    return load_backbone(args.backbone, pretrained, device=args.device, precision=args.precision)
+
+
+def load_records(args):
+    """The records of args.source (with the --*-col options), downloading URL-only posters with --download-dir."""
+    from clipposter.ingest.sources import SourceStats, load_source
+
+    options = {k: v for k, v in vars(args).items() if k.endswith("_col") and v is not None}
+    if args.image_root:
+        options["image_root"] = args.image_root
+    stats = SourceStats()
+    records = load_source(args.source, seed=args.seed, stats=stats, **options)
+    if stats.rows_skipped:
+        print(f"warning: {args.source}: {stats.summary()}", file=sys.stderr)
+    if args.download_dir:
+        from clipposter.ingest.download import download_posters
+
+        report = download_posters([r for r in records if not r.image and r.url], args.download_dir,
+                                  progress=not args.json)
+        if report.failed:
+            report.write_failures(Path(args.download_dir) / "failures.csv")
+            print(f"warning: {len(report.failed)} posters could not be downloaded; "
+                  f"see {Path(args.download_dir) / 'failures.csv'}", file=sys.stderr)
+    return records
+
+
+# ---------------------------------------------------------------------- library errors → flags
+
+def flag_for(parser: argparse.ArgumentParser, field: str) -> str:
+    """The option of `parser` that sets the Python parameter `field` (its argparse dest), for error
+    messages: `num_heads` → `--heads`. A positional prints as its metavar; an unknown field as
+    --field-with-dashes."""
+    for action in parser._actions:
+        if action.dest != field or isinstance(action, argparse._HelpAction):
+            continue
+        if action.option_strings:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            return max(longs or action.option_strings, key=len)
+        return action.metavar or action.dest.upper()
+    return "--" + field.replace("_", "-")

@@ -1,0 +1,133 @@
+"""Cache commands: `embed` (posters → embedding cache), `cache info`, `synth` and `download`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipposter.cli.common import (add_backbone_args, add_cache_flag, add_json_flag, add_source_args, backbone_from_args,
+                                   emit, load_records)
+from clipposter.errors import ClipposterError
+
+
+def cmd_embed(args) -> int:
+    from clipposter.embedding.cache import EmbeddingCache
+    from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
+
+    records = load_records(args)
+    if not records:
+        raise ClipposterError(f"{args.source}: no posters found; check the path and the manifest columns")
+    backbone = backbone_from_args(args)
+    cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
+    summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
+                            strict=args.strict, max_pixels=args.max_pixels, progress=not args.json)
+    texts = 0
+    if not args.no_texts:
+        texts = embed_texts(cache, backbone, reference_and_prompt_texts(records))
+    info = cache.info()
+    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict()}
+    lines = [f"{summary.records} posters: {summary.encoded} encoded, {summary.cached} already cached, "
+             f"{summary.skipped} skipped ({summary.posters_per_second:.1f} posters/s)",
+             f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
+             f"cache {info.path}: {info.posters} posters, {info.records} records, {info.texts} texts"]
+    emit(args, payload, "\n".join(lines))
+    if summary.skipped and summary.skipped == summary.records:
+        raise ClipposterError(f"{args.source}: none of the {summary.records} posters could be used")
+    return 0
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_cache_info(args) -> int:
+    from clipposter.embedding.backbone import BackboneIdentity
+    from clipposter.embedding.cache import EmbeddingCache
+
+    with EmbeddingCache.open(args.cache) as cache:
+        info = cache.info()
+    bb = BackboneIdentity.from_dict(info.backbone)
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(info.splits.items())) or "none"
+    text = (f"cache      {info.path}\n"
+            f"backbone   {bb.describe()}\n"
+            f"dtype      {info.dtype} × {info.dim}\n"
+            f"posters    {info.posters} distinct images\n"
+            f"records    {info.records} ({splits})\n"
+            f"texts      {info.texts}\n"
+            f"on disk    {human_bytes(info.bytes_on_disk)}")
+    emit(args, info.to_dict(), text)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from clipposter.ingest.synthetic import generate_posters
+
+    records = generate_posters(args.out, n=args.n, seed=args.seed, progress=not args.json)
+    manifest = Path(args.out) / "manifest.csv"
+    emit(args, {"posters": len(records), "manifest": str(manifest)},
+         f"{len(records)} synthetic posters; manifest {manifest}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from clipposter.ingest.download import download_posters
+    from clipposter.ingest.sources import load_source
+
+    records = load_source(args.source, seed=0)
+    report = download_posters([r for r in records if r.url], args.out, workers=args.workers,
+                              timeout=args.timeout, retries=args.retries, progress=not args.json)
+    failures = Path(args.out) / "failures.csv"
+    if report.failed:
+        report.write_failures(failures)
+    payload = report.to_dict()
+    emit(args, payload, f"{report.downloaded} downloaded, {report.skipped_existing} already present, "
+                        f"{len(report.failed)} failed" + (f" (see {failures})" if report.failed else ""))
+    return 0
+
+
+def register(sub) -> None:
+    """Add `embed`, `cache info`, `synth` and `download` to the top-level subparsers."""
+    p = sub.add_parser("embed", help="encode posters into an embedding cache",
+                       description="Encode every poster of SOURCE once with a frozen CLIP backbone into --cache. "
+                                   "SOURCE: a folder of images, a CSV/Parquet manifest, MovieGenre.csv, or kaggle:DIR.")
+    p.add_argument("source", metavar="SOURCE", help="folder, manifest (.csv/.parquet), MovieGenre.csv, or kaggle:DIR")
+    add_cache_flag(p, help="cache directory (created if missing)")
+    add_backbone_args(p)
+    add_source_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode threads running ahead of the model (default: 2 on CPU, up to 8 on GPU; 0 decodes "
+                        "inline, faster on a CPU other jobs share)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding type")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per poster")
+    p.add_argument("--strict", action="store_true", help="stop at the first unusable poster")
+    p.add_argument("--no-texts", action="store_true",
+                   help="do not cache text embeddings (taglines, overviews, genre prompts)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("cache", help="inspect an embedding cache")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    q = csub.add_parser("info", help="counts, backbone, dtype and size on disk")
+    add_cache_flag(q)
+    add_json_flag(q)
+    q.set_defaults(func=cmd_cache_info)
+
+    p = sub.add_parser("synth", help="generate genre-conditioned synthetic posters with a manifest")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (posters/ and manifest.csv)")
+    p.add_argument("-n", type=int, default=200, help="number of posters")
+    p.add_argument("--seed", type=int, default=0)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("download", help="download posters of a manifest's URL column")
+    p.add_argument("source", metavar="SOURCE", help="manifest or MovieGenre.csv with poster URLs")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="folder for the posters (resumes: present files are skipped)")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--retries", type=int, default=3)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_download)
