@@ -55,6 +55,7 @@ def test_rerun_reuses_finished_stages(demo_run, tiny_backbone, tmp_path):
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_killed_caption_training_resumes(demo_run, tiny_backbone, tmp_path, monkeypatch):
     """A run killed after the caption head's second epoch picks up from that checkpoint."""
     import clipposter.heads.caption.train as caption
@@ -81,6 +82,7 @@ def test_killed_caption_training_resumes(demo_run, tiny_backbone, tmp_path, monk
     assert (out / "taglines" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_on_own_posters(synthetic_set, tiny_backbone, tmp_path):
     folder, records = synthetic_set
     result = run_demo(tmp_path / "own", source=str(folder / "manifest.csv"), backbone=tiny_backbone,
@@ -89,6 +91,7 @@ def test_demo_on_own_posters(synthetic_set, tiny_backbone, tmp_path):
     assert json.loads((tmp_path / "own" / "run.json").read_text())["source"].endswith("manifest.csv")
 
 
+@pytest.mark.slow
 def test_demo_cli_offline_says_so_and_prints_the_report(tmp_path, monkeypatch, capsys):
     """Without reachable weights the demo says so in one line and in the report, and still runs every
     stage with the tiny random backbone and a tiny GPT-2."""

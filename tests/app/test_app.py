@@ -285,6 +285,7 @@ def file_data(path: str) -> dict:
     return {"path": path, "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.slow
 def test_http_api_analyse_errors_and_search(served, posters, analyzer):
     url, _ = served
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -336,6 +337,7 @@ def _browser_or_skip():
     return sync_playwright
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(served, posters, analyzer, tmp_path):
     sync_playwright = _browser_or_skip()
     from playwright.sync_api import expect
@@ -446,6 +448,7 @@ def run_load_script(*argv) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, report
 
 
+@pytest.mark.slow
 def test_load_script_short_run(demo_run):
     """Each client sends a fixed number of requests, so the script must count exactly that many answers,
     and each answer it counts must be a real result about this run's posters."""
@@ -554,6 +557,7 @@ class _FailingGradio:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_load_script_reports_a_failing_server():
     clients, per_client = 3, 4
     stand_in = _FailingGradio()
@@ -568,6 +572,7 @@ def test_load_script_reports_a_failing_server():
     assert any("the model crashed" in m for m in load["error_messages"])
 
 
+@pytest.mark.slow
 def test_app_command_serves_and_announces_itself_as_json(demo_run):
     """The real entry point: `clipposter app --run DIR --json` prints one JSON line once it serves,
     and the page answers at that URL; SIGTERM stops it cleanly."""

@@ -102,6 +102,7 @@ def test_embed_refuses_cache_of_other_backbone(tmp_path, tiny_backbone, syntheti
         embed_records(copy_records(synthetic_set[1], 2), cache, other, progress=False)
 
 
+@pytest.mark.slow
 def test_killed_embed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_checkpoint):
     src = tmp_path / "posters"
     records = generate_posters(src, n=400, seed=11)
