@@ -276,6 +276,7 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     from clipposter.heads.genre import TrainConfig as GenreTrainConfig
     from clipposter.heads.genre.evaluate import write_genre_evaluation
     from clipposter.report.build import build_report
+    from clipposter.report.charts import write_genre_f1_chart
     from clipposter.run import RUN_FILE, write_run
     from clipposter.search.index import PosterIndex
 
@@ -313,6 +314,8 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
 
     t = stages.start("genre_eval", "evaluating the genre head beside its baselines")
     genre_eval = evaluate_genres(head, cache, seed=seed, progress=stages.verbose)
+    chart = write_genre_f1_chart(genre_eval, genre_dir / "evaluation.svg")
+    genre_eval["chart"] = str(chart) if chart else None
     write_genre_evaluation(genre_eval, head.genres, genre_dir / "evaluation.json")
     stages.end("genre_eval", t, **_genre_headline(genre_eval))
 
