@@ -209,25 +209,3 @@ class PosterAnalyzer:
                 probabilities={g: float(v) for g, v in pred.probabilities.items()}, predicted=pred.predicted,
                 taglines=[c.text for c in caps], neighbours=nn, source=src))
         return out
-
-
-def open_analyzer(run: str | None, cache: str | None, genre_head: str | None, caption_head: str | None, *,
-                  what: str, pretrained: str | None = None, device: str = "auto") -> PosterAnalyzer:
-    """The analyzer a command asked for: `--run DIR`, or all three of `--cache`, `--genre-head` and
-    `--caption-head`. Any other combination is one error line that says what to pass; `what`
-    names the command's job in it ("the report", "the app")."""
-    parts = {"--cache": cache, "--genre-head": genre_head, "--caption-head": caption_head}
-    given = [name for name, value in parts.items() if value]
-    if run and given:
-        raise ClipposterError(f"give --run DIR, or {', '.join(parts)}, not both ({', '.join(given)} given "
-                              f"with --run)")
-    if run:
-        return PosterAnalyzer.from_run(run, pretrained=pretrained, device=device)
-    if not given:
-        raise ClipposterError(f"no posters for {what}: pass --run DIR (a folder written by `clipposter demo`), "
-                              f"or --cache DIR --genre-head DIR --caption-head DIR")
-    missing = [name for name, value in parts.items() if not value]
-    if missing:
-        raise ClipposterError(f"{', '.join(missing)} missing: without --run {what} needs --cache, --genre-head "
-                              f"and --caption-head")
-    return PosterAnalyzer.open(cache, genre_head, caption_head, pretrained=pretrained, device=device)

@@ -269,12 +269,12 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
                         notices, evaluate_captions_with, report_limit, started) -> DemoResult:
     """Stages 4-10 of run_demo, over the embedded cache."""
     from clipposter.analysis import PosterAnalyzer
-    from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
+    from clipposter.heads.caption.evaluation import evaluate_captions, load_sentence_scorer
     from clipposter.heads.caption.model import CaptionHead
     from clipposter.heads.caption.train import TrainConfig, train_caption_head
     from clipposter.heads.genre import GenreHead, evaluate_genres, train_genre_head
     from clipposter.heads.genre import TrainConfig as GenreTrainConfig
-    from clipposter.heads.genre.evaluate import write_genre_evaluation
+    from clipposter.heads.genre.evaluation import write_genre_evaluation
     from clipposter.report.build import build_report
     from clipposter.report.charts import write_genre_f1_chart
     from clipposter.run import RUN_FILE, write_run

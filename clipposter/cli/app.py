@@ -7,15 +7,8 @@ import json
 import math
 import sys
 
-from clipposter.cli.common import add_device_flag, add_json_flag
+from clipposter.cli.common import add_device_flag, add_json_flag, open_analyzer
 from clipposter.errors import ClipposterError
-
-
-def _open_analyzer(args):
-    from clipposter.analysis import open_analyzer
-
-    return open_analyzer(args.run, args.cache, args.genre_head, args.caption_head, what="the app",
-                         pretrained=args.pretrained, device=args.device)
 
 
 def cmd_app(args) -> int:
@@ -29,7 +22,7 @@ def cmd_app(args) -> int:
         raise ClipposterError(f"--samples must be zero or more, got {args.samples}")
     if args.concurrency < 1:
         raise ClipposterError(f"--concurrency must be at least 1, got {args.concurrency}")
-    analyzer = _open_analyzer(args)
+    analyzer = open_analyzer(args, what="the app", pretrained=args.pretrained)
     try:
         blocks = build_app(analyzer, max_upload_mb=args.max_upload_mb, samples=args.samples,
                            concurrency=args.concurrency, queue_size=args.queue_size)

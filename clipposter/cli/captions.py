@@ -137,7 +137,7 @@ def cmd_caption(args) -> int:
 
 def cmd_evaluate_captions(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
+    from clipposter.heads.caption.evaluation import evaluate_captions, load_sentence_scorer
     from clipposter.heads.caption.model import CaptionHead
 
     _check_batch_size(args)

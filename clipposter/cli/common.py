@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from clipposter.errors import ClipposterError
+
 EXIT_ERROR = 2
 
 # The decoding strategies of clipposter.heads.caption.decoding.STRATEGIES, spelled out here so that
@@ -128,3 +130,27 @@ def flag_for(parser: argparse.ArgumentParser, field: str) -> str:
             return max(longs or action.option_strings, key=len)
         return action.metavar or action.dest.upper()
     return "--" + field.replace("_", "-")
+
+
+def open_analyzer(args, what: str, pretrained: str | None = None):
+    """The analyzer a report or app command asked for: `--run DIR`, or all three of `--cache`,
+    `--genre-head` and `--caption-head`. Any other combination is one error line that says what to
+    pass; `what` names the command's job in it ("the report", "the app")."""
+    from clipposter.analysis import PosterAnalyzer
+
+    parts = {"--cache": args.cache, "--genre-head": args.genre_head, "--caption-head": args.caption_head}
+    given = [name for name, value in parts.items() if value]
+    if args.run and given:
+        raise ClipposterError(f"give --run DIR, or {', '.join(parts)}, not both ({', '.join(given)} given "
+                              f"with --run)")
+    if args.run:
+        return PosterAnalyzer.from_run(args.run, pretrained=pretrained, device=args.device)
+    if not given:
+        raise ClipposterError(f"no posters for {what}: pass --run DIR (a folder written by `clipposter demo`), "
+                              f"or --cache DIR --genre-head DIR --caption-head DIR")
+    missing = [name for name, value in parts.items() if not value]
+    if missing:
+        raise ClipposterError(f"{', '.join(missing)} missing: without --run {what} needs --cache, --genre-head "
+                              f"and --caption-head")
+    return PosterAnalyzer.open(args.cache, args.genre_head, args.caption_head, pretrained=pretrained,
+                               device=args.device)

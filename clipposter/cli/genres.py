@@ -86,7 +86,7 @@ def cmd_train_genres(args) -> int:
 def cmd_evaluate_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.genre import GenreHead, evaluate_genres
-    from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table, write_genre_evaluation
+    from clipposter.heads.genre.evaluation import format_genre_per_genre, format_genre_table, write_genre_evaluation
     from clipposter.report.charts import write_genre_f1_chart
 
     head = GenreHead.from_pretrained(args.head)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from clipposter.cli import app, captions, demo, embed, genres, report, search
@@ -55,7 +56,17 @@ def leaf_parsers(parser: argparse.ArgumentParser):
 
 def config_error_line(exc: ConfigError, parser: argparse.ArgumentParser | None) -> str:
     flag = flag_for(parser, exc.field) if parser is not None else "--" + exc.field.replace("_", "-")
-    return f"error: {flag} {exc.problem}"
+    return f"error: {flag} {name_flags(exc.problem, parser)}"
+
+
+def name_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Library messages name a parameter in backticks (`max_pixels`); where the invoked command has a
+    flag for it, the CLI prints the flag (--max-pixels) instead."""
+    if parser is None:
+        return message
+    dests = {a.dest for a in parser._actions}
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_for(parser, m.group(1)) if m.group(1) in dests
+                  else m.group(0), message)
 
 
 def _quiet_broken_pipe() -> int:
@@ -97,7 +108,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         print(config_error_line(exc, getattr(args, "command_parser", None)), file=sys.stderr)
         return EXIT_ERROR
     except ClipposterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {name_flags(str(exc), getattr(args, 'command_parser', None))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipposter.cli.common import DEFAULT_STRATEGY, STRATEGY_CHOICES, add_device_flag, add_json_flag, emit
+from clipposter.cli.common import (DEFAULT_STRATEGY, STRATEGY_CHOICES, add_device_flag, add_json_flag, emit,
+                                   open_analyzer)
 from clipposter.errors import ClipposterError
 
 _LABELS = {"genres": "genre", "captions": "tagline"}
@@ -26,13 +27,6 @@ def _load_saved(path: str | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _open_analyzer(args):
-    from clipposter.analysis import open_analyzer
-
-    return open_analyzer(args.run, args.cache, args.genre_head, args.caption_head, what="the report",
-                         pretrained=None, device=args.device)
-
-
 def cmd_report(args) -> int:
     from clipposter.report.build import build_report
 
@@ -43,7 +37,7 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else (Path(args.run) / "report.html" if args.run else Path("report.html"))
     if out.is_dir():
         raise ClipposterError(f"--out {out}: is a folder; give a file name such as {out / 'report.html'}")
-    analyzer = _open_analyzer(args)
+    analyzer = open_analyzer(args, what="the report", pretrained=None)
     with analyzer:
         saved = (analyzer.run_info.get("evaluation") or {}) if args.run else {}
         genre_eval = _load_saved(saved.get("genres"))

@@ -82,7 +82,7 @@ class BackboneIdentity:
         if self.key != other.key:
             raise ClipposterError(
                 f"{what} was made with backbone {other.describe()} but the backbone in use is "
-                f"{self.describe()}; use the same --backbone/--pretrained or a separate cache directory"
+                f"{self.describe()}; use the same `backbone` and `pretrained` or a separate cache directory"
             )
 
 
@@ -251,7 +251,7 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
             raise ClipposterError(f"cannot load checkpoint {tag} into {model_name}: {first}") from None
         raise ClipposterError(
             f"cannot fetch pretrained weights {model_name}/{weights} ({first}); download the checkpoint "
-            f"elsewhere and pass --pretrained /path/to/checkpoint (.safetensors, .bin or .pt)") from None
+            f"elsewhere and pass its path as `pretrained` (.safetensors, .bin or .pt)") from None
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()  # open_clip returns the model in train mode
     identity = BackboneIdentity(model=model_name, weights=weights, embed_dim=_embed_dim(model),
@@ -269,9 +269,9 @@ def load_backbone_like(identity: BackboneIdentity, spec: dict | None, pretrained
     weights = pretrained if pretrained is not None else spec.get("pretrained")
     if weights is None and identity.weights.startswith("sha256:"):
         raise ClipposterError(f"backbone {identity.describe()} came from a local checkpoint whose path is not "
-                              f"recorded; pass --pretrained /path/to/that/checkpoint")
+                              f"recorded; pass that checkpoint's path as `pretrained`")
     if weights and not os.path.exists(weights) and identity.weights.startswith("sha256:"):
-        raise ClipposterError(f"the backbone checkpoint {weights} is gone; pass --pretrained with its new path")
+        raise ClipposterError(f"the backbone checkpoint {weights} is gone; pass its new path as `pretrained`")
     backbone = load_backbone(model, weights, device=device)
     backbone.identity.check_same(identity, "the head or cache")
     return backbone

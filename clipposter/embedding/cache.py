@@ -77,7 +77,7 @@ class _Matrix:
         actual = self.path.stat().st_size
         if actual < size:
             raise ClipposterError(f"{self.path}: holds fewer rows than its index records ({actual} bytes, "
-                                  f"{rows} rows expected); the cache is damaged, embed into a new --cache")
+                                  f"{rows} rows expected); the cache is damaged, embed into a new `cache` directory")
         with open(self.path, "r+b") as f:
             if actual > size:
                 f.truncate(size)
@@ -169,10 +169,10 @@ class EmbeddingCache:
                 stored = BackboneIdentity.from_dict(meta["backbone"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ClipposterError(f"{meta_path}: unreadable cache description ({exc}); "
-                                      f"point --cache at a clipposter cache directory") from None
+                                      f"point `cache` at a clipposter cache directory") from None
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ClipposterError(f"{meta_path}: cache format {meta.get('format_version')} is not "
-                                      f"{FORMAT_VERSION}; re-embed into a new --cache directory")
+                                      f"{FORMAT_VERSION}; re-embed into a new `cache` directory")
             if identity is not None:
                 identity.check_same(stored, f"the cache {root}")
             return cls(root, stored, meta["dtype"], meta.get("backbone_spec"))

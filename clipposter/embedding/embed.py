@@ -114,7 +114,7 @@ def _decoded(todo: Sequence[tuple[str, str]], load: Callable, workers: int, batc
 
 def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
     if strict:
-        raise ClipposterError(f"{reason} (stopped by --strict)")
+        raise ClipposterError(f"{reason} (stopped by `strict`)")
     summary.skipped += 1
     summary.skipped_files.append((path, reason))
     log.warning("skipped %s", reason)

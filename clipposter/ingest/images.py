@@ -180,7 +180,7 @@ def _decode(fh: IO[bytes], label: str, max_pixels: int, draft_size: int | None) 
 def _too_large_reason(width: int, height: int, max_pixels: int) -> str:
     return (
         f"image too large: {width}×{height} pixels exceeds the limit of {max_pixels}; "
-        "raise --max-pixels if you trust it"
+        "raise `max_pixels` if you trust it"
     )
 
 
@@ -200,7 +200,7 @@ def _pillow_bomb_reason(exc: BaseException, max_pixels: int) -> str:
     count = f"{pixels} pixels" if pixels is not None else "pixel count"
     return (
         f"image too large: {count} exceeds the limit of {max_pixels}; "
-        "raise --max-pixels if you trust it"
+        "raise `max_pixels` if you trust it"
     )
 
 

@@ -146,7 +146,7 @@ def read_table(path: str | os.PathLike, *, encoding: str | None = None) -> pd.Da
                                keep_default_na=False, na_values=[""], low_memory=False)
         except UnicodeDecodeError:
             if enc == encodings[-1]:
-                raise ClipposterError(f"{path}: not readable as {enc}; pass the right --encoding") from None
+                raise ClipposterError(f"{path}: not readable as {enc}; pass the right `encoding`") from None
         except LookupError:
             raise ClipposterError(f"{path}: unknown encoding {enc!r}; pass a Python codec name") from None
         except pd.errors.EmptyDataError:
@@ -244,7 +244,7 @@ def from_manifest(path: str | os.PathLike, *, id_col: str | None = "id", image_c
                                   f"pass the right name with --{name}-col")
     if cols["image"] is None and cols["url"] is None:
         raise ClipposterError(f"{path}: no image or url column (found: {_column_list(columns)}); "
-                              f"name yours with --image-col (or --url-col) and --id-col")
+                              f"name yours with `image_col` (or `url_col`) and `id_col`")
 
     base = Path(image_root).expanduser().absolute() if image_root is not None else path.parent.absolute()
     is_csv = path.suffix.lower() in (".csv", ".tsv")

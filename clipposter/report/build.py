@@ -377,7 +377,7 @@ def build_report(analyzer, out_path: str | os.PathLike, *, split: str = "test", 
     off = "evaluation turned off and no saved evaluation given"
     if genre_eval is None:
         if evaluate:
-            from clipposter.heads.genre.evaluate import evaluate_genres
+            from clipposter.heads.genre.evaluation import evaluate_genres
 
             try:
                 genre_eval = evaluate_genres(analyzer.genre_head, cache, progress=progress)
@@ -388,7 +388,7 @@ def build_report(analyzer, out_path: str | os.PathLike, *, split: str = "test", 
     if caption_eval is None:
         if evaluate:
             from clipposter.heads.caption.decoding import decoding_preset
-            from clipposter.heads.caption.evaluate import evaluate_captions, load_sentence_scorer
+            from clipposter.heads.caption.evaluation import evaluate_captions, load_sentence_scorer
 
             eval_split = split if in_split else ("test" if cache.records("test") else "validation")
             try:

@@ -131,3 +131,12 @@ def test_installed_console_script_runs_commands(tmp_path):
     proc = run("cache", "info", "--cache", tmp_path / "no-cache")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_library_errors_name_the_flags_of_the_invoked_command(tmp_path, capsys, tiny_checkpoint):
+    """The library names parameters in backticks (`image_col`); the CLI prints the flags that set them."""
+    path = tmp_path / "bad.csv"
+    path.write_text("movie,poster_file\na,a.jpg\n")
+    code, out, err = run_cli(capsys, "embed", path, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint))
+    assert code == 2 and err.count("\n") == 1
+    assert "--image-col" in err and "--url-col" in err and "--id-col" in err and "`" not in err

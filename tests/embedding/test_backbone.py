@@ -80,7 +80,7 @@ def test_unfetchable_weights_say_how_to_pass_a_local_file(monkeypatch):
     with pytest.raises(ClipposterError) as err:
         load_backbone("ViT-B-32", "openai", device="cpu")
     msg = str(err.value)
-    assert "--pretrained /path/to/checkpoint" in msg and "\n" not in msg
+    assert "pass its path as `pretrained`" in msg and "\n" not in msg
 
 
 def test_unavailable_cuda_is_clear_error():

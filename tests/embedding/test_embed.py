@@ -89,7 +89,7 @@ def test_bad_posters_are_skipped_and_counted(tmp_path, tiny_backbone, messy_fold
 
 def test_strict_makes_a_bad_poster_fatal(tmp_path, tiny_backbone, messy_folder):
     cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
-    with pytest.raises(ClipposterError, match="--strict"):
+    with pytest.raises(ClipposterError, match="`strict`"):
         embed_records(from_folder(messy_folder), cache, tiny_backbone, strict=True, progress=False)
 
 

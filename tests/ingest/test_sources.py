@@ -140,14 +140,14 @@ def test_manifest_url_only_and_rows_without_location_are_counted(tmp_path):
     assert stats.rows_read == 2 and stats.rows_skipped == 1 and stats.reasons == {"no image or url": 1}
 
 
-def test_manifest_without_image_or_url_column_explains_flags(tmp_path):
+def test_manifest_without_image_or_url_column_names_the_parameters(tmp_path):
     path = tmp_path / "bad.csv"
     pd.DataFrame({"movie": ["a"], "poster_file": ["a.jpg"]}).to_csv(path, index=False)
     with pytest.raises(ClipposterError) as info:
         from_manifest(path)
     message = str(info.value)
     assert "bad.csv" in message and "'movie'" in message and "'poster_file'" in message
-    assert "--image-col" in message and "--id-col" in message
+    assert "`image_col`" in message and "`id_col`" in message and "--" not in message
     assert "\n" not in message
 
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 import clipposter.cli.main as cli
 from clipposter.analysis import PosterAnalysis
-from clipposter.heads.caption.evaluate import CaptionReport
-from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table
+from clipposter.heads.caption.evaluation import CaptionReport
+from clipposter.heads.genre.evaluation import format_genre_per_genre, format_genre_table
 from clipposter.heads.genre.metrics import genre_scores
 from clipposter.report.build import THUMB_WIDTH, build_report, render_report
 from clipposter.search.index import Hit

@@ -5,7 +5,7 @@
     model      the prefix mappers and `CaptionHead` (save_pretrained / from_pretrained, generate)
     train      `TrainConfig`, the training loop with checkpoints and resume, `TrainResult`
     decoding   the decoding strategies and the clean-up of generated text
-    evaluate   the paper's score beside the chance and constant baselines (`evaluate`)
+    evaluation the paper's score beside the chance and constant baselines (`evaluate`)
     tiny_lm    a tiny GPT-2 for machines without real weights
 
 Names are imported from their modules on first use, so `import clipposter.heads.caption` costs
@@ -16,11 +16,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-# `evaluate` is both a module and the function it exports; binding the function here, after the
-# module has loaded, makes `from clipposter.heads.caption import evaluate` the function. The module
-# imports numpy, no model code.
-from clipposter.heads.caption.evaluate import evaluate
-
 _EXPORTS = {
     "config": ("DEFAULT_LM", "DEFAULT_SENTENCE_MODEL", "DEFAULT_STRATEGY", "MAPPERS", "MODES", "PRESETS",
                "STRATEGIES", "TARGETS", "DecodingConfig", "decoding_preset"),
@@ -28,12 +23,12 @@ _EXPORTS = {
     "model": ("Caption", "CaptionHead", "CaptionHeadConfig", "MLPMapper", "TransformerMapper", "read_head_config"),
     "train": ("TrainConfig", "TrainResult", "train_caption_head", "validation_loss"),
     "decoding": ("postprocess", "WordScheduledTopN"),
-    "evaluate": ("CaptionReport", "SentenceScorer", "caption_scores", "evaluate_captions", "load_sentence_scorer"),
+    "evaluation": ("evaluate", "CaptionReport", "SentenceScorer", "caption_scores", "evaluate_captions", "load_sentence_scorer"),
     "tiny_lm": ("build_tiny_lm",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted([*_WHERE, "evaluate"])
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
@@ -53,7 +48,7 @@ if TYPE_CHECKING:
     from clipposter.heads.caption.config import (DEFAULT_LM, DEFAULT_SENTENCE_MODEL, DEFAULT_STRATEGY, MAPPERS, MODES,
                                                  PRESETS, STRATEGIES, TARGETS, DecodingConfig, decoding_preset)
     from clipposter.heads.caption.decoding import WordScheduledTopN, postprocess
-    from clipposter.heads.caption.evaluate import (CaptionReport, SentenceScorer, caption_scores, evaluate_captions,
+    from clipposter.heads.caption.evaluation import (CaptionReport, evaluate, SentenceScorer, caption_scores, evaluate_captions,
                                                    load_sentence_scorer)
     from clipposter.heads.caption.lm import load_language_model, offline, quiet_transformers
     from clipposter.heads.caption.model import (Caption, CaptionHead, CaptionHeadConfig, MLPMapper, TransformerMapper,

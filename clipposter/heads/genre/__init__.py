@@ -6,7 +6,7 @@ baselines (zero-shot CLIP, linear probe, constant) and its metrics.
     head       GenreHead: predict, thresholds, save_pretrained / from_pretrained
     data       parse_genre_spec, load_genre_data → GenreData
     train      fit_decoder, train_genre_head → TrainResult
-    evaluate   evaluate_genres (`evaluate.evaluate` is the same function) and the report writers
+    evaluation evaluate (also named evaluate_genres) and the evaluation writers
     baselines  fit_linear_probe, zero_shot_head
     metrics    precision / recall / F1, mAP, threshold calibration, the constant baseline
 
@@ -29,8 +29,8 @@ _LAZY = {
     "GenreData": "data", "GenreSplit": "data", "load_genre_data": "data", "parse_genre_spec": "data",
     "genre_text_embeddings": "data",
     "EpochLog": "train", "TrainResult": "train", "fit_decoder": "train", "train_genre_head": "train",
-    "evaluate_genres": "evaluate", "format_genre_table": "evaluate", "format_genre_per_genre": "evaluate",
-    "write_genre_evaluation": "evaluate",
+    "evaluate": "evaluation", "evaluate_genres": "evaluation", "format_genre_table": "evaluation",
+    "format_genre_per_genre": "evaluation", "write_genre_evaluation": "evaluation",
     "fit_linear_probe": "baselines", "zero_shot_head": "baselines",
 }
 
@@ -40,7 +40,7 @@ __all__ = ["BASELINES", "KINDS", "LOSSES", "MEMORY_MODES", "THRESHOLD_MODES", "D
            "GenreHead", "PosterPrediction", "PredictResult",
            "GenreData", "GenreSplit", "load_genre_data", "parse_genre_spec", "genre_text_embeddings",
            "EpochLog", "TrainResult", "fit_decoder", "train_genre_head",
-           "evaluate_genres", "format_genre_table", "format_genre_per_genre", "write_genre_evaluation",
+           "evaluate", "evaluate_genres", "format_genre_table", "format_genre_per_genre", "write_genre_evaluation",
            "fit_linear_probe", "zero_shot_head"]
 
 
@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from clipposter.heads.genre.baselines import fit_linear_probe, zero_shot_head
     from clipposter.heads.genre.data import GenreData, GenreSplit, genre_text_embeddings, load_genre_data, parse_genre_spec
-    from clipposter.heads.genre.evaluate import (evaluate_genres, format_genre_per_genre, format_genre_table,
+    from clipposter.heads.genre.evaluation import (evaluate, evaluate_genres, format_genre_per_genre, format_genre_table,
                                                  write_genre_evaluation)
     from clipposter.heads.genre.head import GenreHead, PosterPrediction, PredictResult
     from clipposter.heads.genre.model import LinearProbe, MLDecoder, ZeroShotClassifier, build_module, genre_loss

@@ -1,7 +1,7 @@
 """Genre metrics (functions named `genre_*`): multi-label precision / recall / F1 with micro, macro and
 per-sample averaging, mAP, per-genre scores, threshold calibration and the constant
 most-frequent-genres baseline. All counting is done by scikit-learn; this module only decides what
-is counted. The text tables and the chart of these numbers are in `clipposter.heads.genre.evaluate`.
+is counted. The text tables and the chart of these numbers are in `clipposter.heads.genre.evaluation`.
 
 Conventions: `y_true` is an (N, G) 0/1 matrix, `scores` an (N, G) float matrix, and a genre is
 predicted when its score is >= its threshold (the same `>=` everywhere, 0.5 included).

@@ -26,7 +26,7 @@ def test_every_exported_name_resolves_to_its_module_object():
     for name in caption.__all__:
         assert getattr(caption, name) is not None, name
     # `evaluate` is the function (its module has the same name), the one evaluate.py defines.
-    assert caption.evaluate is sys.modules["clipposter.heads.caption.evaluate"].evaluate
+    assert caption.evaluate is sys.modules["clipposter.heads.caption.evaluation"].evaluate
     assert caption.evaluate_captions is caption.evaluate
     assert caption.CaptionHead.from_pretrained == caption.CaptionHead.load
     assert caption.CaptionHead.save_pretrained is caption.CaptionHead.save

@@ -18,7 +18,7 @@ from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.caption import evaluate
 from clipposter.heads.caption.decoding import (STRATEGIES, DecodingConfig, WordScheduledTopN, decoding_preset, postprocess,
                                                word_start_table)
-from clipposter.heads.caption.evaluate import (best_constant, caption_scores, distinct_n, distractor_sets, duplicate_share,
+from clipposter.heads.caption.evaluation import (best_constant, caption_scores, distinct_n, distractor_sets, duplicate_share,
                                                load_sentence_scorer, similarity_metrics)
 from clipposter.heads.caption.lm import load_language_model
 from clipposter.heads.caption.model import CaptionHead

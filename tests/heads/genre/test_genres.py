@@ -17,7 +17,7 @@ from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.genre.baselines import fit_linear_probe, zero_shot_head
 from clipposter.heads.genre.config import DecoderConfig, TrainConfig
 from clipposter.heads.genre.data import load_genre_data, parse_genre_spec
-from clipposter.heads.genre.evaluate import evaluate_genres
+from clipposter.heads.genre.evaluation import evaluate_genres
 from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.metrics import (genre_calibrate_thresholds, genre_constant_top_k, genre_predictions, genre_prf,
                                             genre_scores)

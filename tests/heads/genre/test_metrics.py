@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from clipposter.heads.genre.evaluate import format_genre_per_genre, format_genre_table, write_genre_evaluation
+from clipposter.heads.genre.evaluation import format_genre_per_genre, format_genre_table, write_genre_evaluation
 from clipposter.heads.genre.metrics import (genre_average_precision, genre_calibrate_thresholds, genre_constant_predictions,
                                             genre_constant_top_k, genre_per_genre, genre_predictions, genre_prf,
                                             genre_scores)
