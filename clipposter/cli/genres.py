@@ -1,6 +1,6 @@
 """Genre-head subcommands: `train genres`, `evaluate genres`, `predict`.
 
-Parsing only at import time: torch, scikit-learn and matplotlib are imported inside the commands.
+Parsing only at import time: torch and scikit-learn are imported inside the commands.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Evaluating a genre head: `evaluate_genres` (also exported as `evaluate`) scores the head and its
 baselines on every split of a cache; the writers turn that report into the text tables of
-`clipposter evaluate genres`, a per-genre F1 chart (PNG) and a JSON file.
+`clipposter evaluate genres`, a JSON file (the per-genre F1 chart is the report's SVG chart).
 """
 from __future__ import annotations
 
