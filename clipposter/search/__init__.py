@@ -11,26 +11,12 @@ Modules: `config` (kinds and defaults; light, for the command line), `engines` (
 """
 from __future__ import annotations
 
-import importlib
+from clipposter.lazy import lazy_exports
 
-_EXPORTS = {
-    "clipposter.search.config": ("KINDS", "DEFAULT_THRESHOLD", "DEFAULT_TARGET_RECALL", "DEFAULT_DUPLICATE_THRESHOLD",
-                                 "INDEX_DIR", "resolve_kind"),
-    "clipposter.search.results": ("Hit", "DuplicatePair", "GenrePredictions"),
-    "clipposter.search.index": ("PosterIndex", "cache_fingerprint"),
-    "clipposter.search.duplicates": ("find_duplicates",),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "config": ("KINDS", "DEFAULT_THRESHOLD", "DEFAULT_TARGET_RECALL", "DEFAULT_DUPLICATE_THRESHOLD", "INDEX_DIR",
+               "resolve_kind"),
+    "results": ("Hit", "DuplicatePair", "GenrePredictions"),
+    "index": ("PosterIndex", "cache_fingerprint"),
+    "duplicates": ("find_duplicates",),
+})

@@ -13,10 +13,11 @@ no torch or transformers import.
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-_EXPORTS = {
+from clipposter.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "config": ("DEFAULT_LM", "DEFAULT_SENTENCE_MODEL", "DEFAULT_STRATEGY", "MAPPERS", "MODES", "PRESETS",
                "STRATEGIES", "TARGETS", "DecodingConfig", "decoding_preset"),
     "lm": ("load_language_model", "offline", "quiet_transformers"),
@@ -25,24 +26,7 @@ _EXPORTS = {
     "decoding": ("postprocess", "WordScheduledTopN"),
     "evaluation": ("evaluate", "CaptionReport", "SentenceScorer", "caption_scores", "evaluate_captions", "load_sentence_scorer"),
     "tiny_lm": ("build_tiny_lm",),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+})
 
 if TYPE_CHECKING:
     from clipposter.heads.caption.config import (DEFAULT_LM, DEFAULT_SENTENCE_MODEL, DEFAULT_STRATEGY, MAPPERS, MODES,

@@ -15,47 +15,24 @@ when first used, so `clipposter --help` can read `KINDS` or `LOSSES` without imp
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from clipposter.heads.genre.config import (BASELINES, KINDS, LOSSES, MEMORY_MODES, THRESHOLD_MODES, DecoderConfig,
                                            TrainConfig, parse_pos_weight)
+from clipposter.lazy import lazy_exports
 
-# name → the module that defines it, imported on first use (PEP 562).
-_LAZY = {
-    "MLDecoder": "model", "LinearProbe": "model", "ZeroShotClassifier": "model", "genre_loss": "model",
-    "build_module": "model",
-    "GenreHead": "head", "PosterPrediction": "head", "PredictResult": "head",
-    "GenreData": "data", "GenreSplit": "data", "load_genre_data": "data", "parse_genre_spec": "data",
-    "genre_text_embeddings": "data",
-    "EpochLog": "train", "TrainResult": "train", "fit_decoder": "train", "train_genre_head": "train",
-    "evaluate": "evaluation", "evaluate_genres": "evaluation", "format_genre_table": "evaluation",
-    "format_genre_per_genre": "evaluation", "write_genre_evaluation": "evaluation",
-    "fit_linear_probe": "baselines", "zero_shot_head": "baselines",
-}
-
-__all__ = ["BASELINES", "KINDS", "LOSSES", "MEMORY_MODES", "THRESHOLD_MODES", "DecoderConfig", "TrainConfig",
-           "parse_pos_weight",
-           "MLDecoder", "LinearProbe", "ZeroShotClassifier", "genre_loss", "build_module",
-           "GenreHead", "PosterPrediction", "PredictResult",
-           "GenreData", "GenreSplit", "load_genre_data", "parse_genre_spec", "genre_text_embeddings",
-           "EpochLog", "TrainResult", "fit_decoder", "train_genre_head",
-           "evaluate", "evaluate_genres", "format_genre_table", "format_genre_per_genre", "write_genre_evaluation",
-           "fit_linear_probe", "zero_shot_head"]
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+_LIGHT = ["BASELINES", "KINDS", "LOSSES", "MEMORY_MODES", "THRESHOLD_MODES", "DecoderConfig", "TrainConfig",
+          "parse_pos_weight"]
+_lazy, __getattr__, __dir__ = lazy_exports(__name__, {
+    "model": ("MLDecoder", "LinearProbe", "ZeroShotClassifier", "genre_loss", "build_module"),
+    "head": ("GenreHead", "PosterPrediction", "PredictResult"),
+    "data": ("GenreData", "GenreSplit", "load_genre_data", "parse_genre_spec", "genre_text_embeddings"),
+    "train": ("EpochLog", "TrainResult", "fit_decoder", "train_genre_head"),
+    "evaluation": ("evaluate", "evaluate_genres", "format_genre_table", "format_genre_per_genre",
+                   "write_genre_evaluation"),
+    "baselines": ("fit_linear_probe", "zero_shot_head"),
+})
+__all__ = sorted(_LIGHT + _lazy)
 
 if TYPE_CHECKING:
     from clipposter.heads.genre.baselines import fit_linear_probe, zero_shot_head
