@@ -5,9 +5,23 @@ import os
 import sys
 from pathlib import Path
 
+from clipposter.cli.main import main
+
 
 def installed_script() -> Path:
     """The `clipposter` console script that installing the package wrote next to this interpreter."""
     script = Path(sys.executable).parent / ("clipposter.exe" if os.name == "nt" else "clipposter")
     assert script.is_file(), f"{script} is missing: install the package (pip install -e .) to get the console script"
     return script
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(ckpt):
+    """The backbone flags of the tests' tiny CLIP checkpoint."""
+    return ["--backbone", "clipposter-tiny", "--pretrained", str(ckpt)]

@@ -6,18 +6,8 @@ import sys
 import pytest
 from PIL import Image
 
-from clipposter.cli.main import build_parser, main
-from helpers import installed_script
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def tiny_args(ckpt):
-    return ["--backbone", "clipposter-tiny", "--pretrained", str(ckpt)]
+from clipposter.cli.main import build_parser
+from helpers import installed_script, run_cli, tiny_args
 
 
 def test_embed_then_cache_info_json(tmp_path, capsys, tiny_checkpoint, synthetic_set):

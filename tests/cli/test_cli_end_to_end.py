@@ -13,20 +13,9 @@ import torch
 from PIL import Image
 
 from clipposter.embedding.cache import EmbeddingCache
-from clipposter.cli.main import main
 from clipposter.embedding.embed import make_loader
-from helpers import installed_script
+from helpers import installed_script, run_cli, tiny_args
 from http_stub import serving
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def tiny_args(ckpt):
-    return ["--backbone", "clipposter-tiny", "--pretrained", str(ckpt)]
 
 
 def read_csv(path: Path) -> list[dict]:

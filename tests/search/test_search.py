@@ -14,7 +14,7 @@ from PIL import Image
 
 from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache
-from clipposter.cli.main import main
+from helpers import run_cli
 from clipposter.embedding.embed import embed_records, make_loader
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.records import PosterRecord
@@ -64,12 +64,6 @@ def true_topk(cache, queries, k):
 def recall(hits, truth) -> float:
     k = truth.shape[1]
     return float(np.mean([len({h.row for h in hs[:k]} & set(t.tolist())) / k for hs, t in zip(hits, truth)]))
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------------------------------
