@@ -33,6 +33,7 @@ from clipposter.embedding.backbone import TINY_MODEL, Backbone, load_backbone
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
 from clipposter.errors import ClipposterError
+from clipposter.files import replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,7 @@ def pick_lm(texts: Sequence[str], folder: Path, online: bool) -> tuple[str, str 
         if not texts:
             raise ClipposterError("the posters have no taglines or overviews to train the tiny language model's "
                                   "tokenizer on; give a source with a tagline column")
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_lm(tmp, texts)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        replace_dir(lambda tmp: build_tiny_lm(tmp, texts), folder)
     return str(folder), reason
 
 
@@ -167,15 +164,7 @@ def _stage_current(folder: Path, fingerprint: str, marker: str = "config.json") 
 
 
 def _mark_stage(folder: Path, fingerprint: str, **extra) -> None:
-    tmp = folder / (STAGE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, **extra}, indent=2))
-    os.replace(tmp, folder / STAGE_FILE)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(folder / STAGE_FILE, {"fingerprint": fingerprint, **extra})
 
 
 class _Stages:
@@ -350,7 +339,7 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
         scorer = load_sentence_scorer(evaluate_captions_with)
         report = evaluate_captions(caption_head, cache, split=split, scorer=scorer, seed=seed, progress=stages.verbose)
         caption_eval = report.to_dict()
-        _write_json(caption_dir / "evaluation.json", caption_eval)
+        write_json(caption_dir / "evaluation.json", caption_eval, default=str, allow_nan=True)
         stages.end("caption_eval", t, **_caption_headline(caption_eval))
     except ClipposterError as exc:
         notices.append(f"caption evaluation skipped: {exc}")
