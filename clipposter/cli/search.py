@@ -9,7 +9,7 @@ import argparse
 import math
 
 from clipposter.cli.common import add_cache_flag, add_device_flag, add_json_flag, emit
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 
 # The index settings of clipposter.search, spelled out here so that parsing arguments does not import
 # torch or faiss (a test checks that they agree with the library's).
@@ -36,8 +36,14 @@ def _open_index(args):
     if not 0 < args.target_recall <= 1:
         raise ClipposterError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     cache = EmbeddingCache.open(args.cache)
-    index = PosterIndex.open(cache, kind=args.kind, threshold=args.exact_threshold, rebuild=args.rebuild,
-                             progress=not args.json, target_recall=args.target_recall)
+    try:
+        index = PosterIndex.open(cache, kind=args.kind, threshold=args.exact_threshold, rebuild=args.rebuild,
+                                 progress=not args.json, target_recall=args.target_recall)
+    except ConfigError as exc:
+        if exc.field != "threshold":
+            raise
+        # PosterIndex's `threshold` is the --exact-threshold flag here (`duplicates` has its own --threshold).
+        raise ConfigError("exact_threshold", exc.problem) from None
     return cache, index
 
 

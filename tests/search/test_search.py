@@ -394,6 +394,14 @@ def test_index_extends_after_more_posters_are_embedded(poster_cache, tiny_backbo
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
+def test_cli_bad_exact_threshold_names_its_flag(poster_cache, capsys):
+    cache, records, _ = poster_cache
+    for command in (["search", "--id", records[0].id], ["duplicates"]):
+        code, out, err = run_cli(capsys, *command, "--cache", cache.root, "--exact-threshold", "-1")
+        assert code == 2 and out == ""
+        assert err.startswith("error: --exact-threshold must be a non-negative number of posters"), err
+
+
 def test_cli_search_and_duplicates_json(poster_cache, capsys):
     cache, records, _ = poster_cache
     code, out, _ = run_cli(capsys, "search", "--cache", cache.root, "--id", records[2].id, "-k", "4", "--json")
