@@ -43,7 +43,7 @@ def human_bytes(n: int) -> str:
 
 
 def cmd_cache_info(args) -> int:
-    from clipposter.embedding.backbone import BackboneIdentity
+    from clipposter.embedding.identity import BackboneIdentity
     from clipposter.embedding.cache import EmbeddingCache
 
     with EmbeddingCache.open(args.cache) as cache:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from clipposter.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "backbone": ("Backbone", "BackboneIdentity", "TINY_MODEL", "load_backbone", "load_backbone_like", "resolve_device",
+    "identity": ("BackboneIdentity",),
+    "backbone": ("Backbone", "TINY_MODEL", "load_backbone", "load_backbone_like", "resolve_device",
                  "save_tiny_backbone"),
     "cache": ("EmbeddingCache", "CacheInfo", "RecordSummary", "text_hash"),
     "embed": ("EmbedSummary", "ResolvedPoster", "ResolvedPosters", "embed_records", "embed_texts", "make_loader",

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from clipposter.embedding.identity import BackboneIdentity
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import atomic_path
 
@@ -43,47 +42,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class BackboneIdentity:
-    """What makes two embeddings comparable: same architecture, same weights, same preprocessing."""
-
-    model: str
-    weights: str  # pretrained tag, "sha256:<hex>" of a local checkpoint, or "hf-hub" for hub models
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    resize_mode: str
-    embed_dim: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BackboneIdentity":
-        d = dict(data)
-        d["mean"] = tuple(d["mean"])
-        d["std"] = tuple(d["std"])
-        return cls(**d)
-
-    @property
-    def key(self) -> str:
-        """A short stable hash of the identity, used to name and check caches and heads."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def describe(self) -> str:
-        return f"{self.model} ({self.weights}, {self.image_size}px, dim {self.embed_dim})"
-
-    def check_same(self, other: "BackboneIdentity", what: str) -> None:
-        """Refuse to mix embeddings from different backbones, naming both."""
-        if self.key != other.key:
-            raise ClipposterError(
-                f"{what} was made with backbone {other.describe()} but the backbone in use is "
-                f"{self.describe()}; use the same `backbone` and `pretrained` or a separate cache directory"
-            )
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -26,7 +26,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from clipposter.embedding.backbone import BackboneIdentity
+from clipposter.embedding.identity import BackboneIdentity
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import directory_lock, write_json
 from clipposter.records import PosterRecord

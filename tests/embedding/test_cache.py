@@ -161,3 +161,19 @@ def test_lookups_by_content_hash_and_by_id(tmp_path):
         assert c.embedding_for_hash("nope") is None
         # many keys: the lookups chunk under SQLite's bound-parameter limit
         assert len(c.rows_for_hashes([f"x{i}" for i in range(2000)] + ["h0"])) == 1
+
+
+def test_reading_a_cache_loads_no_model_code(tmp_path, tiny_backbone):
+    """`cache info` and readers of embeddings open the cache without importing torch or open_clip."""
+    import subprocess
+    import sys
+
+    with EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity, backbone_spec=tiny_backbone.spec):
+        pass
+    code = ("import sys\nfrom clipposter.cli.main import main\n"
+            f"assert main(['cache', 'info', '--cache', {str(tmp_path / 'c')!r}, '--json']) == 0\n"
+            "heavy = sorted({'torch', 'open_clip', 'transformers'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"posters": 0' in proc.stdout

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clipposter.embedding.backbone import BackboneIdentity
+from clipposter.embedding.identity import BackboneIdentity
 from clipposter.embedding.prompts import DEFAULT_TEMPLATES
 from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.model import LinearProbe, ZeroShotClassifier

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipposter.embedding.backbone import BackboneIdentity
+from clipposter.embedding.identity import BackboneIdentity
 from clipposter.embedding.prompts import DEFAULT_TEMPLATES
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import atomic_path, atomic_write_text, read_json, write_json
