@@ -11,6 +11,7 @@ the line printed here names the flag of the invoked command that sets it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -72,11 +73,9 @@ def name_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
 def _quiet_broken_pipe() -> int:
     # The reader of stdout went away: send what Python still wants to flush to /dev/null, so that
     # exiting prints no second BrokenPipeError.
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no stdout file descriptor left to redirect: nothing to flush
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
     return EXIT_BROKEN_PIPE
 
 
