@@ -1,6 +1,7 @@
 """Small helpers shared by test modules in several folders."""
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 from pathlib import Path
@@ -25,3 +26,17 @@ def run_cli(capsys, *argv):
 def tiny_args(ckpt):
     """The backbone flags of the tests' tiny CLIP checkpoint."""
     return ["--backbone", "clipposter-tiny", "--pretrained", str(ckpt)]
+
+
+def count_opens(monkeypatch, paths) -> dict[str, int]:
+    """How often each of `paths` is opened, by any code (PIL opens files through builtins.open too)."""
+    counts = {os.path.abspath(p): 0 for p in paths}
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in counts:
+            counts[os.path.abspath(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return counts

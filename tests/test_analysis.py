@@ -4,7 +4,6 @@ The heads are stand-ins (the analyzer only routes embeddings to them); the cache
 backbone are real."""
 from __future__ import annotations
 
-import builtins
 import os
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ from clipposter.embedding.embed import embed_records, make_loader
 from clipposter.errors import ClipposterError
 from clipposter.records import PosterRecord
 from clipposter.search.index import PosterIndex
+from helpers import count_opens
 
 
 class StandInGenreHead:
@@ -55,19 +55,6 @@ def analyzed_cache(tmp_path_factory, synthetic_set, tiny_backbone):
 def analyzer(cache, backbone=None) -> PosterAnalyzer:
     return PosterAnalyzer(cache, StandInGenreHead(), StandInCaptionHead(),
                           PosterIndex.build(cache, kind="exact", progress=False), backbone=backbone)
-
-
-def count_opens(monkeypatch, paths) -> dict[str, int]:
-    counts = {os.path.abspath(p): 0 for p in paths}
-    real_open = builtins.open
-
-    def counting_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in counts:
-            counts[os.path.abspath(file)] += 1
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    return counts
 
 
 def test_each_upload_is_read_once_and_cached_ones_use_the_cache(analyzed_cache, tiny_backbone, monkeypatch):

@@ -2,9 +2,7 @@
 each file directly and against the cache's own rows."""
 from __future__ import annotations
 
-import builtins
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records, make_loader, resolve_posters
 from clipposter.errors import ClipposterError, ConfigError, PosterError
 from clipposter.records import PosterRecord
+from helpers import count_opens
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +27,6 @@ def small_cache(tmp_path_factory, synthetic_set, tiny_backbone):
 
 def encoded_directly(backbone, path) -> np.ndarray:
     return backbone.encode_image_tensors(make_loader(backbone)(path)[None])[0]
-
-
-def count_opens(monkeypatch, paths) -> dict[str, int]:
-    """How often each of `paths` is opened, by any code (PIL opens files through builtins.open too)."""
-    counts = {os.path.abspath(p): 0 for p in paths}
-    real_open = builtins.open
-
-    def counting_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in counts:
-            counts[os.path.abspath(file)] += 1
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    return counts
 
 
 def test_cached_posters_come_from_the_cache_and_new_ones_are_encoded(small_cache, tiny_backbone, tmp_path,
