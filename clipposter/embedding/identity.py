@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 
 from clipposter.errors import ClipposterError
 
+# The weights of a backbone built with seeded random weights (`pretrained` None or "random") start so.
+RANDOM_WEIGHTS = "random-seed"
+
 
 @dataclass(frozen=True)
 class BackboneIdentity:
@@ -37,6 +40,11 @@ class BackboneIdentity:
         """A short stable hash of the identity, used to name and check caches and heads."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def is_random(self) -> bool:
+        """Seeded random weights: embeddings that show the pipeline works, not what CLIP can do."""
+        return self.weights.startswith(RANDOM_WEIGHTS)
 
     def describe(self) -> str:
         return f"{self.model} ({self.weights}, {self.image_size}px, dim {self.embed_dim})"
