@@ -16,6 +16,7 @@ from clipposter.errors import ClipposterError, ConfigError
 INDEX_KINDS = ("auto", "exact", "hnsw", "ivfpq")
 DEFAULT_THRESHOLD = 100_000
 DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_DUPLICATE_LIMIT = 50  # a large collection has thousands of pairs above the threshold
 
 
 def _index_args(p: argparse.ArgumentParser) -> None:
@@ -134,8 +135,8 @@ def _parse_threshold(text: str) -> float:
 
 def cmd_duplicates(args) -> int:
     threshold = _parse_threshold(args.threshold)
-    if args.limit is not None and args.limit < 0:
-        raise ClipposterError(f"--limit must be zero or more, got {args.limit}")
+    if args.limit < 0:
+        raise ClipposterError(f"--limit must be zero (all pairs) or more, got {args.limit}")
     cache, index = _open_index(args)
     with cache:
         if args.method == "auto":
@@ -145,19 +146,30 @@ def cmd_duplicates(args) -> int:
             use_exact = args.method == "exact" or index.kind == "exact"
         method = "exact all-pairs" if use_exact else f"{index.kind} neighbour search"
         pairs = index.duplicates(threshold, exact=use_exact, progress=not args.json)
-        shown = pairs if args.limit is None else pairs[:args.limit]
-        payload = {"threshold": threshold, "method": method, "pairs_found": len(pairs),
+        shown = pairs[:args.limit] if args.limit else pairs
+        # Titles of the shown posters only: a million-poster cache is not read for 50 lines.
+        known = cache.record_summaries(list({pid for p in shown for pid in (p.id_a, p.id_b)}))
+        titles = {pid: summary.title for pid, summary in known.items()}
+        payload = {"threshold": threshold, "method": method, "pairs_found": len(pairs), "limit": args.limit,
                    "index": _index_summary(index),
-                   "pairs": [{"id_a": p.id_a, "id_b": p.id_b, "score": round(p.score, 6)} for p in shown]}
+                   "pairs": [{"id_a": p.id_a, "title_a": titles.get(p.id_a), "id_b": p.id_b,
+                              "title_b": titles.get(p.id_b), "score": round(p.score, 6)} for p in shown]}
         lines = [f"{len(pairs)} pairs at cosine ≥ {threshold} among {index.ntotal:,} posters ({method})"]
-        width = max((len(p.id_a) for p in shown), default=2)
-        for p in shown:
+        labels = [(_labelled(p.id_a, titles), _labelled(p.id_b, titles)) for p in shown]
+        width = max((len(a) for a, _ in labels), default=2)
+        for p, (a, b) in zip(shown, labels):
             same = "  (same file)" if p.score >= 1.0 and index.row_of(p.id_a) == index.row_of(p.id_b) else ""
-            lines.append(f"  {p.score:.4f}  {p.id_a:<{width}}  {p.id_b}{same}")
+            lines.append(f"  {p.score:.4f}  {a:<{width}}  {b}{same}")
         if len(shown) < len(pairs):
-            lines.append(f"  ... {len(pairs) - len(shown)} more (raise --limit or use --json)")
+            lines.append(f"  ... {len(pairs) - len(shown)} more pairs (--limit 0 shows all)")
         emit(args, payload, "\n".join(lines))
     return 0
+
+
+def _labelled(poster_id: str, titles: dict) -> str:
+    """A poster id with its title beside it, when the record has one."""
+    title = titles.get(poster_id)
+    return f"{poster_id} ({title})" if title else poster_id
 
 
 def register(sub, train, evaluate) -> None:
@@ -194,7 +206,9 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--method", default="auto", choices=["auto", "exact", "index"],
                    help="exact all-pairs products, or a neighbour search per poster through the index "
                         "(auto: exact below --exact-threshold posters)")
-    p.add_argument("--limit", type=int, default=None, help="print at most this many pairs")
+    p.add_argument("--limit", type=int, default=DEFAULT_DUPLICATE_LIMIT,
+                   help=f"show the best this many pairs, and how many more there are (default "
+                        f"{DEFAULT_DUPLICATE_LIMIT}; 0 shows all)")
     _index_args(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_duplicates)

@@ -516,3 +516,39 @@ def test_cli_text_search_returns_posters_of_the_queried_genre(genre_aligned_cach
         results = json.loads(out)["results"]
         p = precision_at_10(genre, [r["genres"] for r in results])
         assert p >= 0.9 and p >= shares[genre] + 0.5, (genre, p, shares[genre])
+
+
+def test_cli_duplicates_shows_50_pairs_by_default_with_titles(poster_cache, capsys):
+    """Thousands of pairs are not a screenful: 50 by default, --limit 0 for all, and each id beside the
+    title the cache's record gives it (in the table and in --json)."""
+    cache, records, _ = poster_cache
+    titles = {r.id: r.title for r in records}
+    code, out, _ = run_cli(capsys, "duplicates", "--cache", cache.root, "--threshold", "0.9", "--limit", "0",
+                           "--json")
+    assert code == 0
+    payload = json.loads(out)
+    every = payload["pairs"]
+    assert payload["pairs_found"] == len(every) > 50
+    for p in every:
+        assert (p["title_a"], p["title_b"]) == (titles.get(p["id_a"]), titles.get(p["id_b"]))
+    assert sum(p["title_a"] is not None for p in every) > 50  # synthetic posters have titles
+
+    code, out, _ = run_cli(capsys, "duplicates", "--cache", cache.root, "--threshold", "0.9")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{len(every)} pairs at cosine ≥ 0.9")
+    rows = [line for line in lines[1:] if not line.lstrip().startswith("...")]
+    assert len(rows) == 50
+    assert lines[-1] == f"  ... {len(every) - 50} more pairs (--limit 0 shows all)"
+    for row, p in zip(rows, every):
+        assert row.split()[0] == f"{p['score']:.4f}"
+        for pid in (p["id_a"], p["id_b"]):
+            assert pid in row and (titles.get(pid) is None or titles[pid] in row)
+
+    code, out, _ = run_cli(capsys, "duplicates", "--cache", cache.root, "--threshold", "0.9", "--json")
+    assert code == 0
+    default = json.loads(out)
+    assert default["pairs"] == every[:50] and default["pairs_found"] == len(every)
+
+    code, out, _ = run_cli(capsys, "duplicates", "--cache", cache.root, "--threshold", "0.9", "--limit", "3")
+    assert code == 0 and len(out.splitlines()) == 1 + 3 + 1
