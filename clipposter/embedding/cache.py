@@ -185,6 +185,11 @@ class EmbeddingCache:
         write_json(meta_path, meta)
         return cls(root, identity, dtype, backbone_spec)
 
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        """Whether `root` holds a cache (its description, cache.json), without opening it."""
+        return (Path(root) / "cache.json").is_file()
+
     def close(self) -> None:
         self._db.close()
 
@@ -383,6 +388,12 @@ class EmbeddingCache:
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.asarray(matrix[[rows[k] for k in keys]], dtype=np.float32)
+
+    def missing_texts(self, texts: Iterable[str]) -> list[str]:
+        """The distinct texts of `texts` the cache holds no embedding for, in first-seen order."""
+        uniq = list(dict.fromkeys(texts))
+        rows = self._text_rows([text_hash(t) for t in uniq])
+        return [t for t in uniq if text_hash(t) not in rows]
 
     def _text_rows(self, keys: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}
