@@ -79,6 +79,16 @@ def _quiet_broken_pipe() -> int:
     return EXIT_BROKEN_PIPE
 
 
+class LowercaseLevelFormatter(logging.Formatter):
+    """`warning: ...`, the casing of the CLI's own `error:` and `warning:` lines, for logged records
+    too (on this handler only: the record other handlers see keeps its level name)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(build_parser(), argv)
@@ -92,8 +102,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except SystemExit:
         sys.stdout.flush()  # --help into a closed pipe fails here, inside main, not at exit
         raise
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(LowercaseLevelFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if not args.verbose:
         # open_clip and the hub client log their own multi-line errors; ours is the one line that counts.
         for name in ("root", "huggingface_hub", "open_clip"):

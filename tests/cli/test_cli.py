@@ -130,3 +130,18 @@ def test_library_errors_name_the_flags_of_the_invoked_command(tmp_path, capsys, 
     code, out, err = run_cli(capsys, "embed", path, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint))
     assert code == 2 and err.count("\n") == 1
     assert "--image-col" in err and "--url-col" in err and "--id-col" in err and "`" not in err
+
+
+def test_logged_warnings_use_the_cli_casing(tmp_path, tiny_checkpoint, synthetic_set):
+    """A warning logged by the library reads like the CLI's own: `warning: ...`, never `WARNING:`."""
+    _, records = synthetic_set
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(open(records[0].image, "rb").read())
+    (folder / "bad.jpg").write_bytes(b"")  # skipped, and embed logs a warning saying so
+    proc = subprocess.run([sys.executable, "-m", "clipposter.cli.main", "embed", str(folder), "--cache",
+                           str(tmp_path / "c"), *tiny_args(tiny_checkpoint)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: skipped" in proc.stderr and "bad.jpg" in proc.stderr
+    assert "WARNING" not in proc.stderr
