@@ -1,12 +1,15 @@
 """Builders for the caption tests: a tiny byte-level BPE tokenizer trained on synthetic taglines and
 overviews, a tiny GPT-2 (2 layers, width 64) saved with save_pretrained, and an embedding cache of
-synthetic posters encoded with the tiny CLIP backbone. Nothing comes from /work/shared or a hub.
+synthetic posters encoded with the tiny CLIP backbone, and a tiny Llama written as a GGUF file the
+way llama.cpp's converter writes one. Nothing comes from a shared folder or a hub.
 
 Each builder runs once per test session (the results are kept here, keyed by the session's
 temporary root), so both caption test files share them without a second build."""
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,3 +139,81 @@ def seeded_head(factory, backbone, seed: int, shuffled: bool = False):
                                          train=TrainConfig(**TRAIN_SETTINGS, seed=seed), progress=False)
         return out, summary
     return _once(factory, f"head-{'shuffled' if shuffled else 'real'}-{seed}", build)
+
+
+def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders the rows of the query and key projections (rotary halves
+    interleaved per head); transformers' GGUF loader undoes it."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_llama_gguf(model, tokenizer, path: Path) -> Path:
+    """Write a Llama model and its byte-level BPE tokenizer as one float32 GGUF file: the metadata
+    keys, tensor names and Q/K row order of llama.cpp's convert_hf_to_gguf.py, the tokenizer as
+    llama.cpp's "gpt2" (byte-level BPE) vocabulary, merges and special ids."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = set(tokenizer.all_special_tokens)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for key, tensor in model.state_dict().items():
+        module, suffix = key.rsplit(".", 1)
+        weight = tensor.detach().float().numpy()
+        if key.endswith("q_proj.weight"):
+            weight = _llama_cpp_permute(weight, cfg.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            weight = _llama_cpp_permute(weight, cfg.num_key_value_heads)
+        writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny_gguf(factory) -> tuple[Path, Path]:
+    """A tiny Llama (2 layers, width 64, grouped-query attention) on the tiny LM's tokenizer, as
+    (GGUF file, the same model and tokenizer saved with save_pretrained for reference)."""
+    def build():
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tiny_lm(factory))
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             tie_word_embeddings=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).eval()
+        root = factory.mktemp("tiny_gguf")
+        reference = root / "reference"
+        model.save_pretrained(reference)
+        tok.save_pretrained(reference)
+        (root / "gguf").mkdir()
+        return write_llama_gguf(model, tok, root / "gguf" / "tiny-llama-f32.gguf"), reference
+    return _once(factory, "gguf", build)

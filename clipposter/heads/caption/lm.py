@@ -1,5 +1,6 @@
-"""Loading the caption head's language model and tokenizer: by hub name or local folder, local copies
-first, the hub only when it may be asked, and every failure as one line naming the parameter to change.
+"""Loading the caption head's language model and tokenizer: by hub name, local folder or GGUF file,
+local copies first, the hub only when it may be asked, and every failure as one line naming the
+parameter to change.
 
 Nothing here imports transformers at module level: `offline()` is read by stages that never load a model.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.caption.config import DEFAULT_LM
 
-__all__ = ["offline", "first_line", "quiet_transformers", "load_language_model", "max_positions"]
+__all__ = ["offline", "first_line", "quiet_transformers", "is_gguf", "load_language_model", "max_positions"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -108,28 +109,95 @@ def _from_pretrained(loader, name: str, check=None, **kw):
     return checked(loader(name, **kw), "the hub's copy of")
 
 
-def load_language_model(lm: str = DEFAULT_LM, tokenizer: str | None = None, hub: bool = True):
-    """A Hugging Face causal LM and its tokenizer, by hub name or local folder.
+def is_gguf(name: str) -> bool:
+    """Whether `name` names a GGUF file (one file holding the weights, config and tokenizer)."""
+    return str(name).lower().endswith(".gguf")
 
-    hub=False loads a hub name from the local HF cache only (the caller knows the hub is unreachable).
-    An LM or tokenizer that cannot be loaded (no network, no such folder, not a causal LM) is a
-    one-line ConfigError naming `lm` or `tokenizer`, saying how to point it at a local copy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+def _gguf_model(path: Path):
+    """The causal LM in a GGUF file, dequantised to a plain float32 model: trainable, and saved by
+    `save_pretrained` as a normal folder (a model kept in GGUF blocks can do neither)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw: dict = {"dtype": torch.float32}
+    try:
+        from transformers import GgufConfig  # transformers >= 5 keeps GGUF blocks unless told otherwise
+    except ImportError:
+        pass
+    else:
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True, **kw)
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _load_gguf(field: str, name: str, loader, check):
+    """Load what `loader` reads from the GGUF file `name`; every failure is one ConfigError naming `field`."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(field, f"{name!r}: no such file; point it at a .gguf file, a folder with config.json "
+                                 f"and weights, or a hub name")
+    try:
+        import accelerate  # noqa: F401  transformers refuses GGUF files without it
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(field, f"{name!r} is a GGUF file, which needs the {exc.name} package: "
+                                 f"pip install 'clipposter[gguf]'") from None
     try:
         with quiet_transformers():
-            model, _ = _from_pretrained(AutoModelForCausalLM.from_pretrained, lm, _model_problem,
-                                        output_loading_info=True, hub=hub)
-    except Exception as exc:  # OSError, ValueError, HF validation errors: all mean "cannot load"
-        raise ConfigError("lm", f"{lm!r} cannot be loaded offline ({first_line(exc)}); point it at a local "
-                                f"folder with config.json and weights") from None
-    tok_source = tokenizer or lm
-    try:
-        tok = _from_pretrained(AutoTokenizer.from_pretrained, tok_source, _tokenizer_problem, hub=hub)
-    except Exception as exc:
-        raise ConfigError("tokenizer", f"{tok_source!r} cannot be loaded ({first_line(exc)}); point it at a "
-                                       f"folder with tokenizer files (tokenizer.json or vocab.json + merges.txt)"
+            result = loader(path)
+    except Exception as exc:  # a truncated file, an architecture transformers cannot map: all "unusable"
+        raise ConfigError(field, f"{name!r}: the GGUF file cannot be loaded ({first_line(exc)}); use a GGUF of "
+                                 f"a causal LM architecture transformers reads (llama, mistral, qwen2, gpt2, ...)"
                           ) from None
+    problem = check(result)
+    if problem:
+        raise ConfigError(field, f"{name!r}: the GGUF file is unusable: {problem}")
+    return result
+
+
+def _is_path(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_language_model(lm: str = DEFAULT_LM, tokenizer: str | None = None, hub: bool = True):
+    """A Hugging Face causal LM and its tokenizer, by hub name, local folder or GGUF file.
+
+    A GGUF file is dequantised to float32 and brings its own tokenizer (unless `tokenizer` is given).
+    hub=False loads a hub name from the local HF cache only (the caller knows the hub is unreachable).
+    An LM or tokenizer that cannot be loaded (no network, no such folder or file, not a causal LM) is a
+    one-line ConfigError naming `lm` or `tokenizer`, saying what to point it at."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_gguf(lm):
+        model, _ = _load_gguf("lm", lm, _gguf_model, _model_problem)
+    else:
+        try:
+            with quiet_transformers():
+                model, _ = _from_pretrained(AutoModelForCausalLM.from_pretrained, lm, _model_problem,
+                                            output_loading_info=True, hub=hub)
+        except Exception as exc:  # OSError, ValueError, HF validation errors: all mean "cannot load"
+            if _is_path(lm):
+                raise ConfigError("lm", f"{lm!r} cannot be loaded ({first_line(exc)}); point it at a folder with "
+                                        f"config.json and weights, or at a .gguf file") from None
+            where = "offline" if offline() or not hub else "from the local HF cache or the hub"
+            raise ConfigError("lm", f"{lm!r} cannot be loaded {where} ({first_line(exc)}); point it at a local "
+                                    f"folder with config.json and weights, or at a .gguf file") from None
+    tok_source = tokenizer or lm
+    if is_gguf(tok_source):
+        tok = _load_gguf("tokenizer", tok_source, _gguf_tokenizer, _tokenizer_problem)
+    else:
+        try:
+            tok = _from_pretrained(AutoTokenizer.from_pretrained, tok_source, _tokenizer_problem, hub=hub)
+        except Exception as exc:
+            raise ConfigError("tokenizer", f"{tok_source!r} cannot be loaded ({first_line(exc)}); point it at a "
+                                           f"folder with tokenizer files (tokenizer.json or vocab.json + merges.txt)"
+                              ) from None
     if tok.eos_token_id is None:
         raise ClipposterError(f"the tokenizer {tok_source!r} has no end-of-text token; captions could never "
                               f"stop. Use a tokenizer with eos_token set")
