@@ -122,6 +122,7 @@ class CaptionHeadConfig:
     mode: str = "joint"
     center: bool = True  # subtract the training embeddings' mean before the mapper (see _Mapper)
     lm_source: str = DEFAULT_LM  # where the LM was first loaded from (informational)
+    lm_random_init: bool = False  # the LM started from random weights (tiny_lm), not trained ones
 
     def __post_init__(self) -> None:
         one_of("mapper", self.mapper, MAPPERS)
@@ -204,7 +205,8 @@ class CaptionHead(nn.Module):
         cfg = CaptionHeadConfig(clip_dim=identity.embed_dim, lm_dim=model.get_input_embeddings().embedding_dim,
                                 prefix_length=prefix_length, mapper=mapper, mapper_hidden=mapper_hidden,
                                 mapper_layers=mapper_layers, target=target, max_tokens=max_tokens, mode=mode,
-                                center=center, lm_source=lm_source)
+                                center=center, lm_source=lm_source,
+                                lm_random_init=bool(getattr(model.config, "clipposter_random_init", False)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = cls(cfg, model, tok, identity, backbone_spec)

@@ -26,7 +26,8 @@ def build_tiny_lm(folder: str | Path, texts: Iterable[str], vocab_size: int = 70
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
     eos = tok.convert_tokens_to_ids(EOS)
     config = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=width, n_layer=layers,
-                        n_head=max(1, width // 32), bos_token_id=eos, eos_token_id=eos)
+                        n_head=max(1, width // 32), bos_token_id=eos, eos_token_id=eos,
+                        clipposter_random_init=True)  # a head on it records that its LM started random
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
