@@ -362,8 +362,12 @@ class CaptionHead(nn.Module):
 
     # ----- saving and loading ----------------------------------------------------------------
     def check_backbone(self, identity: BackboneIdentity, what: str) -> None:
-        """Refuse embeddings from a backbone other than the one the head was trained on."""
-        identity.check_same(self.identity, what)
+        """Refuse embeddings from a backbone other than the one the head was trained on. `identity` is
+        the backbone of `what` (the cache or backbone the embeddings come from)."""
+        if identity.key != self.identity.key:
+            raise ClipposterError(f"{what} was made with backbone {identity.describe()}, but the caption head was "
+                                  f"trained on {self.identity.describe()}; use embeddings of the head's backbone, "
+                                  f"or train a caption head on these")
 
     def config_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "kind": HEAD_KIND, "head": self.config.to_dict(),

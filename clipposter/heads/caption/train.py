@@ -4,6 +4,8 @@ and resuming, and the `TrainResult` a run returns.
 Training writes a complete head per epoch under `OUT/checkpoints/epoch-NNNN/` together with the
 optimizer state, scheduler state and data-order seed, so `resume=True` continues bit-for-bit; when the
 last epoch is done, OUT itself becomes the finished head (hard links to the last checkpoint's files).
+Only the last `keep_checkpoints` checkpoints stay on disk (one by default: with GPT-2 a checkpoint is
+~1.5 GB, two thirds of it optimizer state); 0 removes them once the finished head is written.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +30,18 @@ from clipposter.heads.caption.config import DEFAULT_LM
 from clipposter.heads.caption.lm import first_line
 from clipposter.heads.caption.model import CONFIG_FILE, LM_DIR, MAPPER_FILE, CaptionHead, write_head_json
 
-__all__ = ["CHECKPOINTS", "LATEST", "TrainConfig", "TrainResult", "train_caption_head", "validation_loss"]
+__all__ = ["CHECKPOINTS", "LATEST", "TrainConfig", "TrainResult", "time_estimate", "train_caption_head",
+           "validation_loss"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 TRAINER_STATE = "trainer_state.json"
+# The time estimate is printed once the first epoch has run this many batches or seconds, whichever
+# comes first: enough to be past the first steps' allocations, early enough to decide to stop.
+ESTIMATE_AFTER_BATCHES = 20
+ESTIMATE_AFTER_SECONDS = 10.0
 
 
 @dataclass
@@ -50,6 +58,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     device: str = "auto"
+    keep_checkpoints: int = 1  # checkpoints left on disk; 0: none once the finished head is written
 
     def validate(self) -> "TrainConfig":
         for name in ("epochs", "batch_size", "accumulate"):
@@ -59,6 +68,8 @@ class TrainConfig:
             raise ConfigError("lr", f"must be positive, got {self.lr}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("keep_checkpoints", f"must be 0 or more, got {self.keep_checkpoints}")
         return self
 
 
@@ -82,6 +93,21 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def time_estimate(seconds_per_batch: float, batches_per_epoch: int, epochs: int) -> str:
+    """"≈ 3 min/epoch, ≈ 12 min in all" for `epochs` epochs still to run (validation not included)."""
+    per_epoch = seconds_per_batch * batches_per_epoch
+    text = f"≈ {_duration(per_epoch)}/epoch"
+    return text + (f", ≈ {_duration(per_epoch * epochs)} in all" if epochs > 1 else "")
 
 
 def _examples(cache, split: str, head: CaptionHead) -> tuple[np.ndarray, list[list[int]], int, int]:
@@ -147,8 +173,10 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return path
 
 
-def _save_checkpoint(head: CaptionHead, out: Path, epoch: int, optimizer, scheduler, state: dict) -> Path:
-    """A complete head plus optimizer/scheduler state; the pointer moves only once it is whole."""
+def _save_checkpoint(head: CaptionHead, out: Path, epoch: int, optimizer, scheduler, state: dict,
+                     keep: int = 1) -> Path:
+    """A complete head plus optimizer/scheduler state; the pointer moves only once it is whole. Then
+    all but the last `keep` checkpoints (at least this one, which resuming and the export need) go."""
     root = out / CHECKPOINTS
     path = root / f"epoch-{epoch:04d}"
     shutil.rmtree(path, ignore_errors=True)
@@ -157,8 +185,10 @@ def _save_checkpoint(head: CaptionHead, out: Path, epoch: int, optimizer, schedu
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     write_head_json(path / TRAINER_STATE, {**state, "scheduler": scheduler.state_dict()})
     write_head_json(root / LATEST, {"checkpoint": path.name, "epoch": epoch})
+    # Zero-padded names sort by epoch; one numbered past this epoch is a leftover and goes too.
+    kept = sorted(p for p in root.glob("epoch-*") if p.name <= path.name)[-max(1, keep):]
     for old in root.glob("epoch-*"):
-        if old != path:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -189,7 +219,8 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
 
     A checkpoint is written after every epoch; `resume=True` continues from the last one (with
     `train.epochs` the new total). Validation loss is reported per epoch when the cache has a
-    validation split."""
+    validation split. With `progress`, a bar, a time estimate after the first steps and each epoch's
+    losses are printed on stderr (stdout is left to the caller's results)."""
     from tqdm.auto import tqdm
 
     cfg = (train or TrainConfig()).validate()
@@ -260,6 +291,7 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
     tokens_seen, train_seconds = 0, 0.0
     step = int(state.get("step", 0))
     devices = [device] if device.type == "cuda" else []
+    estimate_due = progress
     with torch.random.fork_rng(devices=devices):
         for epoch in range(first_epoch, cfg.epochs):
             # Data order and dropout depend only on (seed, epoch): a resumed run matches an
@@ -270,7 +302,7 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
             t0 = time.perf_counter()
             epoch_loss, epoch_tokens = 0.0, 0
             bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not progress, leave=False)
+                       disable=not progress, leave=False, file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
             for b in bar:
                 if b % cfg.accumulate == 0:
@@ -299,6 +331,13 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                 bar.set_postfix(loss=f"{epoch_loss / max(1, epoch_tokens):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                if estimate_due:
+                    done, elapsed = b + 1, time.perf_counter() - t0
+                    if (done >= ESTIMATE_AFTER_BATCHES or elapsed >= ESTIMATE_AFTER_SECONDS
+                            or (done == batches_per_epoch and epoch + 1 < cfg.epochs)):
+                        tqdm.write(time_estimate(elapsed / done, batches_per_epoch, cfg.epochs - epoch),
+                                   file=sys.stderr)
+                        estimate_due = False
             bar.close()
             seconds = time.perf_counter() - t0
             tokens_seen += epoch_tokens
@@ -310,14 +349,16 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
             history.append(record)
             if progress:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
-                           + (f", validation loss {val:.4f}" if val is not None else ""))
+                           + (f", validation loss {val:.4f}" if val is not None else ""), file=sys.stderr)
             head.training_record = {"epochs": epoch + 1, "steps": step, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                     "accumulate": cfg.accumulate, "warmup_steps": warmup, "history": history,
                                     "train_examples": len(ids), "cache": str(cache.root)}
             latest = _save_checkpoint(head, out, epoch + 1, optimizer, scheduler,
                                       {"epoch": epoch + 1, "step": step, "seed": cfg.seed,
-                                       "batch_size": cfg.batch_size, "history": history})
+                                       "batch_size": cfg.batch_size, "history": history}, cfg.keep_checkpoints)
     _export(latest, out)
+    if cfg.keep_checkpoints == 0:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # OUT's files are links of their own
     return TrainResult(out=str(out), target=head.config.target, mode=head.config.mode, epochs=cfg.epochs,
                         resumed_from_epoch=first_epoch, steps=step, train_examples=len(ids),
                         validation_examples=len(val_ids),

@@ -272,7 +272,7 @@ def test_targets_skip_empty_and_truncate_long_texts(head):
 def test_backbone_and_folder_mismatches_are_refused(head, tmp_path, trained):
     other = BackboneIdentity.from_dict({**head.identity.to_dict(), "weights": "other-weights"})
     with pytest.raises(ClipposterError, match="was made with backbone"):
-        head.check_backbone(other, "the caption head")
+        head.check_backbone(other, "the cache")
     wider = BackboneIdentity.from_dict({**head.identity.to_dict(), "embed_dim": 512})
     with pytest.raises(ClipposterError, match="64-wide"):
         CaptionHead(head.config, head.lm, head.tokenizer, wider)
