@@ -90,7 +90,7 @@ def directory_lock(folder: str | os.PathLike, name: str = ".lock") -> Iterator[N
     """One holder at a time of `folder`'s lock file, across processes (released when the process dies)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / name, "w") as lock:
+    with open(folder / name, "a") as lock:  # "a": an existing lock file is not written to
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -10,11 +10,22 @@ Layout of a cache directory:
 
 Crash safety: SQLite is the source of truth. Rows are appended to the .npy body and fsynced first,
 then their index rows are committed in one transaction, and finally the .npy header's row count is
-rewritten. A run killed at any moment leaves at most uncommitted trailing bytes, which the next open
-cuts off, so every poster ends up exactly once and no committed row is ever half-written.
+rewritten; an append writes at most APPEND_ROWS rows before its commit. A run killed at any moment
+leaves at most one append's uncommitted trailing bytes, which the next writer's open cuts off, so every
+poster ends up exactly once and no committed row is ever half-written. Opening never cuts more than
+that: files from different moments (an index deleted or older than its matrix) are refused in one line
+and left as they are (see cache_matrix.py).
+
+Two modes: `mode="a"` (create or append; writers take the folder's lock and repair what a killed
+writer left) and `mode="r"` (read only: nothing is written, not even a lock file, so a cache on a
+read-only disk or a shared folder can be searched and evaluated). A writer leaves the index in
+SQLite's rollback-journal mode when it closes, so readers open it with `mode=ro` and take ordinary
+shared locks; an index of an older version left in WAL mode is read as immutable when no writer is
+active (no -wal file).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,10 +33,11 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from clipposter.embedding.cache_matrix import Matrix, write_failure
 from clipposter.embedding.identity import BackboneIdentity
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import directory_lock, write_json
@@ -33,8 +45,14 @@ from clipposter.records import PosterRecord
 
 FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
-# A fixed-size .npy header so it can be rewritten in place when rows are added.
-_HEADER_BYTES = 128
+MODES = ("r", "a")
+# The most rows one append writes before committing them: the most a killed run can leave uncommitted,
+# and so the most an open may cut.
+APPEND_ROWS = 4096
+_FILES = ("index.sqlite", "images.npy", "texts.npy")
+# SQLite's primary result codes for a damaged file and for a full disk.
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+_CORRUPT_MESSAGES = ("file is not a database", "database disk image is malformed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS posters (hash TEXT PRIMARY KEY, row INTEGER UNIQUE NOT NULL);
@@ -51,59 +69,51 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    body = repr(header).encode("latin1")
-    magic = b"\x93NUMPY\x01\x00"
-    pad = _HEADER_BYTES - len(magic) - 2 - len(body) - 1
-    if pad < 0:
-        raise ValueError("shape too large for the fixed .npy header")
-    return magic + (_HEADER_BYTES - len(magic) - 2).to_bytes(2, "little") + body + b" " * pad + b"\n"
+def _sqlite_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return None if code is None else code & 0xFF
 
 
-class _Matrix:
-    """An append-only (N, D) .npy file whose committed length is given from outside (the index)."""
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    return _sqlite_code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or str(exc) in _CORRUPT_MESSAGES
 
-    def __init__(self, path: Path, dim: int, dtype: np.dtype):
-        self.path, self.dim, self.dtype = path, dim, np.dtype(dtype)
-        self.row_bytes = dim * self.dtype.itemsize
-        if not path.exists():
-            with open(path, "wb") as f:
-                f.write(_npy_header((0, dim), self.dtype))
 
-    def repair(self, rows: int) -> None:
-        """Cut bytes past `rows` committed rows (left by a killed run) and make the header agree."""
-        size = _HEADER_BYTES + rows * self.row_bytes
-        actual = self.path.stat().st_size
-        if actual < size:
-            raise ClipposterError(f"{self.path}: holds fewer rows than its index records ({actual} bytes, "
-                                  f"{rows} rows expected); the cache is damaged, embed into a new `cache` directory")
-        with open(self.path, "r+b") as f:
-            if actual > size:
-                f.truncate(size)
-            f.seek(0)
-            f.write(_npy_header((rows, self.dim), self.dtype))
-            f.flush()
-            os.fsync(f.fileno())
+def _is_full(exc: sqlite3.Error) -> bool:
+    return _sqlite_code(exc) == _SQLITE_FULL or str(exc) == "database or disk is full"
 
-    def append(self, start_row: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=self.dtype)
-        if data.ndim != 2 or data.shape[1] != self.dim:
-            raise ValueError(f"expected rows of width {self.dim}, got shape {data.shape}")
-        with open(self.path, "r+b") as f:
-            f.seek(_HEADER_BYTES + start_row * self.row_bytes)
-            f.write(data.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
 
-    def set_header(self, rows: int) -> None:
-        with open(self.path, "r+b") as f:
-            f.write(_npy_header((rows, self.dim), self.dtype))
+def _unreadable_index(root: Path, exc: sqlite3.Error) -> ClipposterError:
+    return ClipposterError(f"index.sqlite in {root} is not a readable SQLite database ({exc}): restore it or "
+                           f"re-embed into a new cache")
 
-    def read(self, rows: int) -> np.ndarray:
-        if rows == 0:
-            return np.zeros((0, self.dim), self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=_HEADER_BYTES, shape=(rows, self.dim))
+
+@contextlib.contextmanager
+def _index_errors(root: Path) -> Iterator[None]:
+    """SQLite's errors of a damaged index as one line; others (a locked database, a constraint) as they are."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if _is_corrupt(exc):
+            raise _unreadable_index(root, exc) from None
+        raise
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open an index for reading without writing or creating any file: `mode=ro`; `immutable` for an
+    index left in WAL mode with no -wal file (an older version's; a live writer always has a -wal file),
+    which `mode=ro` alone would give new -wal and -shm files."""
+    with open(path, "rb") as f:
+        wal_mode = f.read(20)[18:20] == b"\x02\x02"
+    immutable = wal_mode and not path.with_name(path.name + "-wal").exists()
+    uri = path.resolve().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+
+def _counts(db: sqlite3.Connection) -> tuple[int, int]:
+    """Committed posters and texts (0 for an index that has no tables yet)."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] if t in tables else 0  # type: ignore
+                 for t in ("posters", "texts"))
 
 
 @dataclass
@@ -133,36 +143,105 @@ class RecordSummary(NamedTuple):
 class EmbeddingCache:
     """Image and text embeddings of one backbone, keyed by content, with poster metadata.
 
-    Open with `EmbeddingCache.open(dir, identity)` to create or check, or `EmbeddingCache.open(dir)`
-    to read a cache whose backbone is recorded in it.
+    Open with `EmbeddingCache.open(dir, identity)` to create or check, `EmbeddingCache.open(dir)` to use a
+    cache whose backbone is recorded in it, and `EmbeddingCache.open(dir, mode="r")` to read one without
+    writing anything.
     """
 
-    def __init__(self, root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None = None):
+    def __init__(self, root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None = None,
+                 mode: str = "a"):
+        if mode not in MODES:
+            raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
         self.root = root
         self.backbone_spec = backbone_spec  # how to load the backbone again (see Backbone.spec)
         self.identity = identity
         self.dtype = dtype
         self.dim = identity.embed_dim
-        self._db = sqlite3.connect(root / "index.sqlite", isolation_level=None, check_same_thread=False)
+        self.mode = mode
         # Lookups may come from several threads (an app's workers); one statement at a time.
         self._read_lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._images = _Matrix(root / "images.npy", self.dim, DTYPES[dtype])
-        self._texts = _Matrix(root / "texts.npy", self.dim, DTYPES[dtype])
-        with directory_lock(self.root):
-            self._images.repair(self.num_posters)
-            self._texts.repair(self.num_texts)
+        self._images = Matrix(root, "images.npy", self.dim, DTYPES[dtype])
+        self._texts = Matrix(root, "texts.npy", self.dim, DTYPES[dtype])
+        self._db: sqlite3.Connection | None = None
+        if mode == "r":
+            self._db = self._check(repair=False)
+        else:
+            # What a reader can see is refused before the lock is taken, so a refusal changes no file.
+            self._check(repair=False).close()
+            with directory_lock(root):
+                self._check(repair=True)
+                self._db = self._connect_writer()
+
+    @property
+    def writable(self) -> bool:
+        return self.mode != "r"
+
+    def _check(self, repair: bool) -> sqlite3.Connection | None:
+        """Check both matrices against the committed counts, reading only. A reader keeps the
+        connection it read with; a writer then repairs what a killed writer left."""
+        index = self.root / "index.sqlite"
+        # Headers first, then counts: a writer rewrites a header only after its commit, so a header
+        # read before the count is never ahead of it unless the files do not belong together.
+        states = [m.look() for m in (self._images, self._texts)]
+        db = None
+        if index.exists():
+            with _index_errors(self.root):
+                db = _connect_readonly(index)
+                try:
+                    counts = _counts(db)
+                except BaseException:
+                    db.close()
+                    raise
+        else:
+            counts = (0, 0)
+        try:
+            actions = [m.check(s, c, APPEND_ROWS if repair else None)
+                       for m, s, c in zip((self._images, self._texts), states, counts)]
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
+        if not repair:
+            if db is None:  # no index and no rows: an empty cache, read from an index held in memory
+                db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                db.executescript(_SCHEMA)
+            return db
+        if db is not None:
+            db.close()
+        for m, action, committed in zip((self._images, self._texts), actions, counts):
+            try:
+                m.create()
+                m.repair(action, committed)
+            except OSError as exc:
+                raise write_failure(self.root, m.path, exc, f"its {committed} committed rows") from None
+        return None
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None, check_same_thread=False)
+        try:
+            with self._write_errors("its committed rows"):
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | os.PathLike, identity: BackboneIdentity | None = None,
-             dtype: str = "float16", backbone_spec: dict | None = None) -> "EmbeddingCache":
+             dtype: str = "float16", backbone_spec: dict | None = None, *, mode: str = "a") -> "EmbeddingCache":
+        """Open (with `mode="a"` and an identity: create) the cache in `root`.
+
+        mode: "a" to add posters and texts (repairs what a killed writer left), "r" to read only (writes
+        nothing; texts it lacks are encoded but not stored)."""
         root = Path(root)
         meta_path = root / "cache.json"
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if mode not in MODES:
+            raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
         if meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
@@ -175,15 +254,23 @@ class EmbeddingCache:
                                       f"{FORMAT_VERSION}; re-embed into a new `cache` directory")
             if identity is not None:
                 identity.check_same(stored, f"the cache {root}")
-            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"))
-        if identity is None:
+            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+        present = [name for name in _FILES if (root / name).exists()]
+        if present:  # the backbone of these embeddings is unknown: never let another one adopt them
+            raise ClipposterError(f"{root}: holds cache files ({', '.join(present)}) but no cache.json, so the "
+                                  f"backbone they were made with is unknown; restore cache.json or embed into a "
+                                  f"new `cache` directory")
+        if identity is None or mode == "r":
             raise ClipposterError(f"{root}: no clipposter cache here (no cache.json); "
                                   f"create one with `clipposter embed SOURCE --cache {root}`")
         root.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
                 "backbone_spec": backbone_spec}
-        write_json(meta_path, meta)
-        return cls(root, identity, dtype, backbone_spec)
+        try:
+            write_json(meta_path, meta)
+        except OSError as exc:
+            raise write_failure(root, meta_path, exc, "nothing: it was not created") from None
+        return cls(root, identity, dtype, backbone_spec, mode=mode)
 
     @staticmethod
     def exists(root: str | os.PathLike) -> bool:
@@ -191,7 +278,17 @@ class EmbeddingCache:
         return (Path(root) / "cache.json").is_file()
 
     def close(self) -> None:
-        self._db.close()
+        db, self._db = self._db, None
+        if db is None:
+            return
+        if self.writable:
+            # Back to a rollback journal at rest, so readers need no -wal/-shm files (see the module
+            # docstring). While another connection is open this fails at once (no busy wait) and the
+            # index stays in WAL mode, which is as safe; the last writer to close switches it.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA busy_timeout=0")
+                db.execute("PRAGMA journal_mode=DELETE")
+        db.close()
 
     def __enter__(self):
         return self
@@ -199,66 +296,121 @@ class EmbeddingCache:
     def __exit__(self, *exc):
         self.close()
 
+    # ----- index access ------------------------------------------------------------------------------
+    def _fetch(self, query: str, args: Sequence = ()) -> list[tuple]:
+        with self._read_lock, _index_errors(self.root):
+            return self._db.execute(query, tuple(args)).fetchall()
+
+    def _fetch_in(self, query: str, keys: Sequence[str]) -> list[tuple]:
+        """`query` with its `IN ({})` filled for every key, in chunks under SQLite's parameter limit."""
+        out: list[tuple] = []
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), 900):
+            chunk = keys[start:start + 900]
+            out.extend(self._fetch(query.format(",".join("?" * len(chunk))), chunk))
+        return out
+
+    def _require_writable(self, what: str) -> None:
+        if not self.writable:
+            raise ClipposterError(f"the cache {self.root} is open read-only; open it with `mode` \"a\" to {what}")
+
+    @contextlib.contextmanager
+    def _write_errors(self, kept: str) -> Iterator[None]:
+        """A full disk and a damaged index as one line each, naming what the cache kept."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if _is_full(exc):
+                raise ClipposterError(f"disk full while writing {self.root}: index.sqlite: {exc}; free some "
+                                      f"space and run again (the cache keeps {kept})") from None
+            if _is_corrupt(exc):
+                raise _unreadable_index(self.root, exc) from None
+            raise
+
+    def _commit(self, matrix: Matrix, table: str, insert: str, keys: Sequence[tuple], rows: np.ndarray | None,
+                records: Sequence[tuple[PosterRecord, str]] = ()) -> None:
+        """One append step: rows after the committed ones (flushed), then their index rows and `records`
+        in one transaction, then the header. A failure leaves the committed rows as they were."""
+        start = self._count(table)
+        kept = f"its {start} committed {table}"
+        if len(keys):
+            matrix.append(start, rows)
+        try:
+            with self._write_errors(kept):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(insert, [(*k, start + n) for n, k in enumerate(keys)])
+                    self._upsert_records(records)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        self._db.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            if len(keys):
+                with contextlib.suppress(Exception):
+                    if self._count(table) == start:  # not committed after all: the rows are nobody's
+                        matrix.cut(start)
+            raise
+        matrix.set_header(start + len(keys))
+
+    def _count(self, table: str) -> int:
+        return self._fetch(f"SELECT COUNT(*) FROM {table}")[0][0]
+
     # ----- counts --------------------------------------------------------------------------------
     @property
     def num_posters(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM posters").fetchone()[0]
+        return self._count("posters")
 
     @property
     def num_texts(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0]
+        return self._count("texts")
 
     @property
     def num_records(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        return self._count("records")
 
     # ----- posters -------------------------------------------------------------------------------
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
-        hashes = list(hashes)
-        found: set[str] = set()
-        for start in range(0, len(hashes), 900):  # SQLite's bound-parameter limit
-            chunk = hashes[start:start + 900]
-            q = f"SELECT hash FROM posters WHERE hash IN ({','.join('?' * len(chunk))})"
-            found.update(h for (h,) in self._db.execute(q, chunk))
-        return found
+        return {h for (h,) in self._fetch_in("SELECT hash FROM posters WHERE hash IN ({})", list(hashes))}
 
     def add_posters(self, hashes: Sequence[str], embeddings: np.ndarray,
                     records: Sequence[tuple[PosterRecord, str]] = ()) -> int:
-        """Append embeddings for new content hashes, and upsert records, in one crash-safe step.
+        """Append embeddings for new content hashes, and upsert records, crash-safe: in one step, or in
+        steps of APPEND_ROWS new rows, each record committed with its poster's row.
 
         Hashes already present are ignored (their rows are not written twice). Returns rows added.
         """
         if len(hashes) != len(embeddings):
             raise ValueError("one embedding per hash")
+        self._require_writable("add posters")
         with directory_lock(self.root):
             known = self.known_hashes(hashes)
             keep = [i for i, h in enumerate(hashes) if h not in known]
             seen: set[str] = set()
             keep = [i for i in keep if not (hashes[i] in seen or seen.add(hashes[i]))]
-            start = self.num_posters
-            if keep:
-                self._images.append(start, np.asarray(embeddings)[keep])
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO posters(hash, row) VALUES (?, ?)",
-                                     [(hashes[i], start + n) for n, i in enumerate(keep)])
-                self._upsert_records(records)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._images.set_header(start + len(keep))
+            steps = [keep[s:s + APPEND_ROWS] for s in range(0, len(keep), APPEND_ROWS)] or [[]]
+            step_of = {hashes[i]: n for n, step in enumerate(steps) for i in step}
+            step_records: list[list[tuple[PosterRecord, str]]] = [[] for _ in steps]
+            for r, h in records:
+                step_records[step_of.get(h, 0)].append((r, h))
+            emb = np.asarray(embeddings)
+            for step, recs in zip(steps, step_records):
+                self._commit(self._images, "posters", "INSERT INTO posters(hash, row) VALUES (?, ?)",
+                             [(hashes[i],) for i in step], emb[step] if step else None, recs)
         return len(keep)
 
     def upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
         """Store or refresh the metadata of posters whose embeddings are already cached."""
-        with directory_lock(self.root):
+        self._require_writable("store records")
+        with directory_lock(self.root), self._write_errors("its records as they were"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._upsert_records(records)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
@@ -279,26 +431,13 @@ class EmbeddingCache:
             args = (split,)
         q += " ORDER BY id"
         return [PosterRecord(id=i, image=im, genres=json.loads(g), tagline=t, overview=o, split=s, title=ti, url=u)
-                for i, im, g, t, o, s, ti, u in self._db.execute(q, args)]
+                for i, im, g, t, o, s, ti, u in self._fetch(q, args)]
 
     def image_matrix(self) -> np.ndarray:
         """All poster embeddings, (N, D), memory-mapped in the stored dtype; row order = insertion."""
         return self._images.read(self.num_posters)
 
     # ----- lookups (by content hash and by poster id) ----------------------------------------------
-    def _fetch(self, query: str, args: Sequence = ()) -> list[tuple]:
-        with self._read_lock:
-            return self._db.execute(query, tuple(args)).fetchall()
-
-    def _fetch_in(self, query: str, keys: Sequence[str]) -> list[tuple]:
-        """`query` with its `IN ({})` filled for every key, in chunks under SQLite's parameter limit."""
-        out: list[tuple] = []
-        keys = list(dict.fromkeys(keys))
-        for start in range(0, len(keys), 900):
-            chunk = keys[start:start + 900]
-            out.extend(self._fetch(query.format(",".join("?" * len(chunk))), chunk))
-        return out
-
     def row_for_hash(self, content_hash: str) -> int | None:
         """The embedding row of a poster's content hash, or None when the cache lacks that content."""
         found = self._fetch("SELECT row FROM posters WHERE hash = ?", (content_hash,))
@@ -358,36 +497,38 @@ class EmbeddingCache:
     # ----- texts ---------------------------------------------------------------------------------
     def text_embeddings(self, texts: Sequence[str], backbone=None, batch_size: int = 256) -> np.ndarray:
         """Embeddings of texts (genre prompts, taglines, overviews); missing ones are encoded with
-        `backbone` (which must match the cache) and stored. Returns float32 (len(texts), D)."""
+        `backbone` (which must match the cache) and stored, in steps of APPEND_ROWS texts; a read-only
+        cache returns them without storing them. Returns float32 (len(texts), D)."""
         keys = [text_hash(t) for t in texts]
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
         rows = self._text_rows(keys)
         missing = sorted({k: t for k, t in zip(keys, texts) if k not in rows}.items())
+        fresh: dict[str, np.ndarray] = {}  # encoded now and not stored (a read-only cache)
         if missing:
             if backbone is None:
                 raise ClipposterError(f"{len(missing)} texts are not in the cache {self.root}; "
                                       f"pass a backbone to encode them")
             self.identity.check_same(backbone.identity, f"the cache {self.root}")
-            new = backbone.encode_texts([t for _, t in missing], batch_size=batch_size)
-            with directory_lock(self.root):
-                rows = self._text_rows(keys)
-                todo = [(i, k, t) for i, (k, t) in enumerate(missing) if k not in rows]
-                start = self.num_texts
-                if todo:
-                    self._texts.append(start, new[[i for i, _, _ in todo]])
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany("INSERT INTO texts(hash, row, text) VALUES (?,?,?)",
-                                         [(k, start + n, t) for n, (_, k, t) in enumerate(todo)])
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._texts.set_header(start + len(todo))
+            for s in range(0, len(missing), APPEND_ROWS):
+                step = missing[s:s + APPEND_ROWS]
+                new = np.asarray(backbone.encode_texts([t for _, t in step], batch_size=batch_size))
+                if not self.writable:
+                    fresh.update((k, v) for (k, _), v in zip(step, new))
+                    continue
+                with directory_lock(self.root):
+                    stored = self._text_rows([k for k, _ in step])  # another writer may have added some
+                    todo = [(i, k, t) for i, (k, t) in enumerate(step) if k not in stored]
+                    self._commit(self._texts, "texts", "INSERT INTO texts(hash, text, row) VALUES (?, ?, ?)",
+                                 [(k, t) for _, k, t in todo], new[[i for i, _, _ in todo]])
             rows = self._text_rows(keys)
         matrix = self._texts.read(self.num_texts)
-        if not keys:
-            return np.zeros((0, self.dim), np.float32)
-        return np.asarray(matrix[[rows[k] for k in keys]], dtype=np.float32)
+        if not fresh:
+            return np.asarray(matrix[[rows[k] for k in keys]], dtype=np.float32)
+        out = np.empty((len(keys), self.dim), np.float32)
+        for n, k in enumerate(keys):  # rounded to the stored dtype, as if stored and read back
+            out[n] = np.asarray(matrix[rows[k]] if k in rows else fresh[k], dtype=self.dtype)
+        return out
 
     def missing_texts(self, texts: Iterable[str]) -> list[str]:
         """The distinct texts of `texts` the cache holds no embedding for, in first-seen order."""
@@ -396,17 +537,11 @@ class EmbeddingCache:
         return [t for t in uniq if text_hash(t) not in rows]
 
     def _text_rows(self, keys: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        uniq = list(dict.fromkeys(keys))
-        for start in range(0, len(uniq), 900):
-            chunk = uniq[start:start + 900]
-            q = f"SELECT hash, row FROM texts WHERE hash IN ({','.join('?' * len(chunk))})"
-            out.update(self._db.execute(q, chunk))
-        return out
+        return dict(self._fetch_in("SELECT hash, row FROM texts WHERE hash IN ({})", list(keys)))
 
     # ----- summary -------------------------------------------------------------------------------
     def info(self) -> CacheInfo:
-        splits = dict(self._db.execute("SELECT COALESCE(split, 'none'), COUNT(*) FROM records GROUP BY 1"))
+        splits = dict(self._fetch("SELECT COALESCE(split, 'none'), COUNT(*) FROM records GROUP BY 1"))
         size = sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
         return CacheInfo(path=str(self.root), backbone=self.identity.to_dict(), dtype=self.dtype, dim=self.dim,
                          posters=self.num_posters, records=self.num_records, texts=self.num_texts,
