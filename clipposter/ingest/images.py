@@ -4,6 +4,9 @@
 first frame only, EXIF orientation applied, transparency flattened onto white, 16-bit and
 float images scaled (not clipped) to 8 bits. Oversized images are refused from the header
 alone, before any pixel is decoded, and truncated files are refused rather than padded.
+
+Only regular files are read: a FIFO or a device named like a poster (`a.jpg` → /dev/zero) fails at
+once instead of blocking or streaming without end, and no file is read past `max_bytes`.
 """
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ import hashlib
 import io
 import os
 import re
+import stat
 import struct
 import zlib
-from typing import IO, Union
+from typing import IO, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipposter.errors import PosterError
+from clipposter.errors import ConfigError, PosterError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -27,6 +31,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # Pillow's own default for Image.MAX_IMAGE_PIXELS, kept as a constant so that changing the
 # global elsewhere does not silently change what this module accepts.
 DEFAULT_MAX_PIXELS = 89_478_485
+# The largest poster file read, in bytes. Real posters are well under 10 MB; the cap stops a huge or
+# endless file from filling memory (downloads use it too).
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
 PosterSource = Union[PathLike, bytes, bytearray, memoryview]
@@ -59,6 +66,18 @@ _WIDE_MODES = _INT16_MODES | {"I", "F"}
 
 _ORIENTATION_TAG = 0x0112
 
+# Pixels of a 16-bit or 32-bit image converted at a time: the float temporaries of one strip stay
+# near 8 MB whatever the image's size, instead of 8 bytes for every pixel of the whole image.
+_STRIP_PIXELS = 1 << 20
+
+# O_NONBLOCK: a FIFO swapped in between the check and the open must not block the open itself.
+_OPEN_FLAGS = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+_FILE_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "not a regular file (a FIFO)"),
+               (stat.S_ISCHR, "not a regular file (a character device)"),
+               (stat.S_ISBLK, "not a regular file (a block device)"),
+               (stat.S_ISSOCK, "not a regular file (a socket)"))
+
 EMPTY_REASON = "empty file (0 bytes)"
 NOT_IMAGE_REASON = "not an image (unrecognised format)"
 CORRUPT_REASON = "truncated or corrupt image data"
@@ -74,15 +93,29 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: PathLike) -> bytes:
-    """All bytes of a poster file, or PosterError if it is missing, unreadable or empty."""
-    with _open_file(path, str(path)) as fh:
+def check_limits(*, max_pixels: int | None = None, max_bytes: int | None = None,
+                 draft_size: int | None = None) -> None:
+    """ConfigError naming the first given limit that is not a whole number of at least 1."""
+    for field, value in (("max_pixels", max_pixels), ("max_bytes", max_bytes), ("draft_size", draft_size)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(field, f"must be a whole number of at least 1, got {value!r}")
+
+
+def read_bytes(path: PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """All bytes of a poster file, or PosterError if it is missing, unreadable, empty, not a regular
+    file, or larger than `max_bytes` (checked while reading, so a file still growing cannot pass)."""
+    check_limits(max_bytes=max_bytes)
+    with _open_file(path, str(path), max_bytes) as fh:
         try:
-            data = fh.read()
+            data = fh.read(max_bytes + 1)
         except OSError as exc:  # e.g. an I/O error on a failing disk or network mount
             raise PosterError(path, f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise PosterError(path, EMPTY_REASON)
+    if len(data) > max_bytes:
+        raise PosterError(path, _too_many_bytes_reason(max_bytes))
     return data
 
 
@@ -92,45 +125,70 @@ def load_poster(
     draft_size: int | None = None,
     *,
     name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
     """Decode a poster into an independent, fully loaded RGB image.
 
     `source` is a path or the file's raw bytes; `name` labels errors (default: the path, or
-    "<bytes>"). Images whose width*height exceeds `max_pixels` are refused before decoding.
-    `draft_size` lets libjpeg decode JPEGs at a reduced DCT scale whose shorter side is
-    still at least `draft_size` (other formats ignore it). Raises PosterError on any
-    expected failure.
+    "<bytes>"). Images whose width*height exceeds `max_pixels`, and files (or bytes) larger than
+    `max_bytes`, are refused before decoding. `draft_size` lets libjpeg decode JPEGs at a reduced
+    DCT scale whose shorter side is still at least `draft_size` (other formats ignore it). Raises
+    PosterError on any expected failure, ConfigError for a limit below 1.
     """
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    if draft_size is not None and draft_size < 1:
-        raise ValueError(f"draft_size must be positive, got {draft_size}")
+    check_limits(max_pixels=max_pixels, max_bytes=max_bytes, draft_size=draft_size)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name if name is not None else "<bytes>"
         data = bytes(source)
         if not data:
             raise PosterError(label, EMPTY_REASON)
+        if len(data) > max_bytes:
+            raise PosterError(label, _too_many_bytes_reason(max_bytes))
         with io.BytesIO(data) as fh:
             return _decode(fh, label, max_pixels, draft_size)
 
     label = name if name is not None else str(source)
-    with _open_file(source, label) as fh:
-        # fstat rather than a separate stat() call: same file, no race with a rename.
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise PosterError(label, EMPTY_REASON)
+    with _open_file(source, label, max_bytes) as fh:
+        # The decoder then reads no further than the header's dimensions need, and those are
+        # bounded by `max_pixels`.
         return _decode(fh, label, max_pixels, draft_size)
 
 
-def _open_file(path: PathLike, label: str) -> IO[bytes]:
-    # Checked explicitly because Windows reports a directory as "Permission denied".
-    if os.path.isdir(path):
-        raise PosterError(label, "cannot read file: is a directory")
+def _open_file(path: PathLike, label: str, max_bytes: int) -> IO[bytes]:
+    """The open regular file at `path`, refused when empty or larger than `max_bytes`.
+
+    The kind of file is checked before opening (opening a device can have effects of its own, and a
+    FIFO blocks until a writer comes) and again on the open descriptor, which is what is read.
+    """
     try:
-        return open(path, "rb")
+        _require_regular_file(os.stat(path).st_mode, label)
+        # builtins.open, not os.fdopen(os.open(...)): one call that tools and tests can watch.
+        fh = open(path, "rb", opener=lambda p, flags: os.open(p, flags | _OPEN_FLAGS))
     except (OSError, ValueError) as exc:  # ValueError: embedded NUL in the path
         detail = getattr(exc, "strerror", None) or str(exc)
         raise PosterError(label, f"cannot read file: {detail}") from exc
+    try:
+        info = os.fstat(fh.fileno())  # the file actually opened: no race with a rename
+        _require_regular_file(info.st_mode, label)
+        if info.st_size == 0:
+            raise PosterError(label, EMPTY_REASON)
+        if info.st_size > max_bytes:
+            raise PosterError(label, _too_many_bytes_reason(max_bytes))
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def _require_regular_file(mode: int, label: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((text for test, text in _FILE_KINDS if test(mode)), "not a regular file")
+    raise PosterError(label, f"cannot read file: {kind}")
+
+
+def _too_many_bytes_reason(max_bytes: int) -> str:
+    return f"file too large: more than {max_bytes} bytes; raise `max_bytes` if you trust it"
 
 
 def _decode(fh: IO[bytes], label: str, max_pixels: int, draft_size: int | None) -> Image.Image:
@@ -231,23 +289,53 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _scale_to_uint8(img: Image.Image) -> np.ndarray:
-    """Grey levels of an I;16 / I / F image mapped onto 0..255 without clipping to white."""
-    values = np.asarray(img, dtype=np.float64)
+    """Grey levels of an I;16 / I / F image mapped onto 0..255 without clipping to white.
+
+    Worked through in horizontal strips of about `_STRIP_PIXELS` pixels, so that the cost beyond
+    the decoded image and the 8-bit result is one strip's temporaries, not 8 bytes per pixel.
+    """
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
     if img.mode in _INT16_MODES:
-        scaled = values / 257.0  # 65535 / 255: full 16-bit range onto full 8-bit range
+        # round(v / 257) in integers (65535 / 255: full 16-bit range onto full 8-bit range); v / 257
+        # never lands on a half, so this is exact.
+        for top, rows in _strips(img):
+            out[top:top + len(rows)] = (rows.astype(np.uint32) + 128) // 257
+        return out
+
+    # I and F: the range first (NaN and infinities count as 0 and do not widen it), then the mapping.
+    low, high, finite_seen = np.inf, -np.inf, False
+    for _, rows in _strips(img):
+        finite = rows[np.isfinite(rows)] if img.mode == "F" else rows
+        if finite.size:
+            finite_seen = True
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if not finite_seen:
+        low = high = 0.0
+    if img.mode == "I" and low >= 0 and high <= 65535:
+        # Older Pillow opens 16-bit PNGs as "I"; keep their absolute brightness.
+        offset, scale = 0.0, 1 / 257.0
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        offset, scale = 0.0, 255.0  # the usual normalised-float convention
+    elif high > low:
+        # Arbitrary range (signed 32-bit, HDR floats): stretch what is there.
+        offset, scale = low, 255.0 / (high - low)
     else:
-        finite = np.isfinite(values)
-        values = np.where(finite, values, 0.0)
-        low = float(values[finite].min()) if finite.any() else 0.0
-        high = float(values[finite].max()) if finite.any() else 0.0
-        if img.mode == "I" and low >= 0 and high <= 65535:
-            # Older Pillow opens 16-bit PNGs as "I"; keep their absolute brightness.
-            scaled = values / 257.0
-        elif img.mode == "F" and low >= 0 and high <= 1:
-            scaled = values * 255.0  # the usual normalised-float convention
-        elif high > low:
-            # Arbitrary range (signed 32-bit, HDR floats): stretch what is there.
-            scaled = (values - low) * (255.0 / (high - low))
-        else:
-            scaled = np.zeros_like(values)  # a flat image with no usable range
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        offset, scale = 0.0, 0.0  # a flat image with no usable range
+    for top, rows in _strips(img):
+        values = rows.astype(np.float64)
+        values[~np.isfinite(values)] = 0.0
+        values -= offset
+        values *= scale
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        out[top:top + len(rows)] = values
+    return out
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, pixel rows as an array) of `img`, a few rows at a time."""
+    width, height = img.size
+    step = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        yield top, np.asarray(img.crop((0, top, width, min(height, top + step))))
