@@ -58,11 +58,14 @@ def add_device_flag(p, help: str = "auto, cpu, cuda, cuda:N or mps") -> None:
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="ViT-B-32",
-                   help="open_clip architecture (ViT-B-32, ViT-L-14, clipposter-tiny) or hf-hub:ORG/NAME")
-    g.add_argument("--pretrained", default="openai",
+    # No defaults here: an existing cache supplies its own backbone (see backbone_from_args for new ones).
+    g.add_argument("--backbone", default=None,
+                   help="open_clip architecture (ViT-B-32, ViT-L-14, clipposter-tiny) or hf-hub:ORG/NAME "
+                        "(default: an existing cache's, else ViT-B-32)")
+    g.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (openai, laion2b_s34b_b79k, ...) or a local checkpoint file; "
-                        "'random' for seeded random weights (benchmarks only)")
+                        "'random' for seeded random weights (benchmarks only) (default: an existing cache's, "
+                        "else openai)")
     add_device_flag(g)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="autocast precision on GPU (auto: fp16 on CUDA, fp32 on CPU)")
@@ -86,11 +89,22 @@ def pretrained_arg(value: str | None) -> str | None:
     return None if value in (None, "", "none") else value
 
 
+DEFAULT_BACKBONE, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
+
+
+def pretrained_value(value: str | None) -> str | None:
+    """--pretrained as load_backbone takes it: 'random' (or none) → None, seeded random weights;
+    not given → the default tag, openai."""
+    if value is None:
+        return DEFAULT_PRETRAINED
+    return None if value in ("random", "none", "") else value
+
+
 def backbone_from_args(args):
     from clipposter.embedding.backbone import load_backbone
 
-    pretrained = None if args.pretrained in ("random", "none", "") else args.pretrained
-    return load_backbone(args.backbone, pretrained, device=args.device, precision=args.precision)
+    return load_backbone(args.backbone or DEFAULT_BACKBONE, pretrained_value(args.pretrained), device=args.device,
+                         precision=args.precision)
 
 
 def load_records(args):

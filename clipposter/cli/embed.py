@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipposter.cli.common import (add_backbone_args, add_cache_flag, add_json_flag, add_source_args, backbone_from_args,
-                                   emit, load_records)
+                                   emit, load_records, pretrained_value)
 from clipposter.errors import ClipposterError
 
 
@@ -15,23 +15,55 @@ def cmd_embed(args) -> int:
     records = load_records(args)
     if not records:
         raise ClipposterError(f"{args.source}: no posters found; check the path and the manifest columns")
-    backbone = backbone_from_args(args)
-    cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
+    if EmbeddingCache.exists(args.cache):
+        # The backbone the cache was made with, loaded only if some poster or text is new.
+        cache = EmbeddingCache.open(args.cache)
+        backbone = cache_backbone(cache, args)
+    else:
+        backbone = backbone_from_args(args)
+        cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
     summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
                             strict=args.strict, max_pixels=args.max_pixels, progress=not args.json)
     texts = 0
     if not args.no_texts:
-        texts = embed_texts(cache, backbone, reference_and_prompt_texts(records))
+        texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
     info = cache.info()
     payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict()}
-    lines = [f"{summary.records} posters: {summary.encoded} encoded, {summary.cached} already cached, "
-             f"{summary.skipped} skipped ({summary.posters_per_second:.1f} posters/s)",
+    lines = [summary_line(summary),
              f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
              f"cache {info.path}: {info.posters} posters, {info.records} records, {info.texts} texts"]
     emit(args, payload, "\n".join(lines))
     if summary.skipped and summary.skipped == summary.records:
         raise ClipposterError(f"{args.source}: none of the {summary.records} posters could be used")
     return 0
+
+
+def cache_backbone(cache, args):
+    """The backbone `embed` adds to an existing cache with: the one recorded in it, or the one
+    --backbone/--pretrained name, refused at once (from the cache's record, loading nothing) when it
+    is another. Returns a function that loads it on first call, once."""
+    from functools import cache as once
+
+    from clipposter.embedding.backbone import check_choice, load_backbone_like
+
+    identity, pretrained = cache.identity, None  # None: the weights the cache records
+    if args.backbone is not None or args.pretrained is not None:
+        model = args.backbone or identity.model
+        if args.pretrained is not None or model != identity.model:
+            pretrained = pretrained_value(args.pretrained)
+            check_choice(identity, model, pretrained, f"the cache {cache.root}")
+    return once(lambda: load_backbone_like(identity, cache.backbone_spec, pretrained=pretrained,
+                                           device=args.device, precision=args.precision))
+
+
+def summary_line(summary) -> str:
+    """What an embed run did, in one line; a rate only when something was encoded."""
+    if summary.encoded:
+        return (f"{summary.records} posters: {summary.encoded} encoded, {summary.cached} already cached, "
+                f"{summary.skipped} skipped ({summary.posters_per_second:.1f} posters/s)")
+    if summary.skipped:
+        return f"{summary.records} posters: none encoded, {summary.cached} already cached, {summary.skipped} skipped"
+    return f"{summary.records} posters: all already cached, nothing to encode"
 
 
 def human_bytes(n: int) -> str:
@@ -50,14 +82,15 @@ def cmd_cache_info(args) -> int:
         info = cache.info()
     bb = BackboneIdentity.from_dict(info.backbone)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(info.splits.items())) or "none"
+    random_note = " — random weights: the embeddings carry no meaning" if bb.is_random else ""
     text = (f"cache      {info.path}\n"
-            f"backbone   {bb.describe()}\n"
+            f"backbone   {bb.describe()}{random_note}\n"
             f"dtype      {info.dtype} × {info.dim}\n"
             f"posters    {info.posters} distinct images\n"
             f"records    {info.records} ({splits})\n"
             f"texts      {info.texts}\n"
             f"on disk    {human_bytes(info.bytes_on_disk)}")
-    emit(args, info.to_dict(), text)
+    emit(args, {**info.to_dict(), "random_weights": bb.is_random}, text)
     return 0
 
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clipposter.embedding.identity import BackboneIdentity
-from clipposter.errors import ClipposterError, ConfigError
+from clipposter.embedding.identity import RANDOM_WEIGHTS, BackboneIdentity
+from clipposter.errors import ClipposterError, ConfigError, cause_line
 from clipposter.files import atomic_path
 
 TINY_MODEL = "clipposter-tiny"
@@ -158,6 +158,27 @@ def _preprocess_identity(model, preprocess) -> dict:
     }
 
 
+def weights_of(model_name: str, pretrained: str | None) -> str:
+    """The `weights` a backbone loaded with these arguments has in its identity, found without loading
+    it: the pretrained tag, "sha256:<hex>" of a local checkpoint file, "hf-hub" for hub models, or the
+    seeded random weights' name."""
+    if model_name.startswith("hf-hub:"):
+        return "hf-hub"
+    if pretrained and os.path.isfile(pretrained):
+        return "sha256:" + file_sha256(pretrained)
+    return pretrained or f"{RANDOM_WEIGHTS}{RANDOM_SEED}"
+
+
+def check_choice(identity: BackboneIdentity, model_name: str, pretrained: str | None, what: str) -> None:
+    """Refuse, before loading any weights, a backbone (`model_name`, `pretrained`) that is not the one
+    `what` (a cache, a head) was made with. A choice that passes is still checked once loaded."""
+    weights = weights_of(model_name, pretrained)
+    if model_name != identity.model or weights != identity.weights:
+        raise ClipposterError(
+            f"{what} was made with backbone {identity.describe()} but the backbone asked for is "
+            f"{model_name} ({weights}); use the same `backbone` and `pretrained` or a separate cache directory")
+
+
 def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "auto",
                   precision: str = "auto") -> Backbone:
     """Load a frozen open_clip backbone.
@@ -172,11 +193,11 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
     dev = resolve_device(device)
     if precision == "auto":
         precision = "fp16" if dev.type == "cuda" else "fp32"
-    weights: str
+    weights = weights_of(model_name, pretrained)
     if model_name.startswith("hf-hub:"):
-        weights, tag = "hf-hub", None
+        tag = None
     elif pretrained and os.path.isfile(pretrained):
-        weights, tag = "sha256:" + file_sha256(pretrained), pretrained
+        tag = pretrained
     elif pretrained:
         known = open_clip.list_pretrained_tags_by_model(model_name)
         if model_name not in open_clip.list_models():
@@ -187,11 +208,11 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
                 "pretrained", f"{pretrained!r} is neither a file nor a tag open_clip knows for {model_name} "
                               f"(known tags: {', '.join(known) or 'none'}); pass a tag or the path of a local "
                               f"checkpoint")
-        weights, tag = pretrained, pretrained
+        tag = pretrained
     else:
         if model_name not in open_clip.list_models():
             raise ClipposterError(f"unknown backbone {model_name!r}: use an open_clip architecture such as ViT-B-32")
-        weights, tag = f"random-seed{RANDOM_SEED}", None
+        tag = None
     try:
         with torch.random.fork_rng(devices=[]):
             # Random weights are seeded so that their identity names reproducible embeddings.
@@ -204,7 +225,7 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
     except ClipposterError:
         raise
     except Exception as exc:  # open_clip raises RuntimeError/OSError for failed downloads and bad files
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = cause_line(exc)
         if tag and os.path.isfile(tag):
             raise ClipposterError(f"cannot load checkpoint {tag} into {model_name}: {first}") from None
         raise ClipposterError(
@@ -219,18 +240,20 @@ def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai
 
 
 def load_backbone_like(identity: BackboneIdentity, spec: dict | None, pretrained: str | None = None,
-                       device: str = "auto") -> Backbone:
+                       device: str = "auto", precision: str = "auto") -> Backbone:
     """Load the backbone a cache or head was made with, from its recorded spec (or `pretrained`,
     when the checkpoint has moved), and check that it really is the same one."""
     spec = dict(spec or {})
     model = spec.get("model", identity.model)
     weights = pretrained if pretrained is not None else spec.get("pretrained")
+    if weights is None and not (identity.is_random or identity.weights.startswith(("sha256:", "hf-hub"))):
+        weights = identity.weights  # no spec recorded: the identity names the pretrained tag
     if weights is None and identity.weights.startswith("sha256:"):
         raise ClipposterError(f"backbone {identity.describe()} came from a local checkpoint whose path is not "
                               f"recorded; pass that checkpoint's path as `pretrained`")
     if weights and not os.path.exists(weights) and identity.weights.startswith("sha256:"):
         raise ClipposterError(f"the backbone checkpoint {weights} is gone; pass its new path as `pretrained`")
-    backbone = load_backbone(model, weights, device=device)
+    backbone = load_backbone(model, weights, device=device, precision=precision)
     backbone.identity.check_same(identity, "the head or cache")
     return backbone
 

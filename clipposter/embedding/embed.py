@@ -2,7 +2,9 @@
 and the one resolver of "the cached embedding, or encode the file" (`resolve_posters`).
 
 Two passes. The first reads and hashes every poster file (cheap, threaded) so that posters already
-in the cache, and duplicates within the run, cost no decode and no model work. The second decodes
+in the cache, and duplicates within the run, cost no decode and no model work — the backbone is
+loaded only when this pass finds work, so a rerun over a cached set costs the hashing alone. The
+second decodes
 and preprocesses only the new posters in a thread pool that runs ahead of the model, so JPEG
 decoding overlaps the forward pass, and commits each batch to the cache as soon as it is encoded:
 a run killed midway keeps what it finished and the rerun picks up the rest.
@@ -39,16 +41,19 @@ class EmbedSummary:
     cached: int = 0  # records whose poster was already in the cache (or repeated in this run)
     skipped: int = 0  # records whose poster could not be used
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: hashing, loading the backbone (when needed), encoding
+    encode_seconds: float = 0.0  # decoding and encoding the new posters (the backbone already loaded)
 
     @property
-    def posters_per_second(self) -> float:
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+    def posters_per_second(self) -> float | None:
+        """Encoding throughput of the new posters; None when nothing was encoded (a rate of nothing)."""
+        return self.encoded / self.encode_seconds if self.encoded and self.encode_seconds > 0 else None
 
     def to_dict(self) -> dict:
+        rate = self.posters_per_second
         return {"records": self.records, "encoded": self.encoded, "cached": self.cached,
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
-                "posters_per_second": round(self.posters_per_second, 2),
+                "posters_per_second": None if rate is None else round(rate, 2),
                 "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
 
@@ -120,14 +125,44 @@ def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
     log.warning("skipped %s", reason)
 
 
-def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: Backbone, *,
+BackboneSource = Union[Backbone, Callable[[], Backbone], None]
+
+
+class _LazyBackbone:
+    """The backbone of `source` (a Backbone, or a function that loads one), loaded on the first call
+    only and checked against `cache` then. A Backbone given is checked at once, before any work."""
+
+    def __init__(self, source: BackboneSource, cache: EmbeddingCache | None):
+        self._source, self._cache, self._backbone = source, cache, None
+        self._factory = source is not None and not hasattr(source, "encode_image_tensors")
+        if source is not None and not self._factory:
+            self()
+
+    @property
+    def loaded(self) -> bool:
+        return self._backbone is not None
+
+    def __call__(self) -> Backbone:
+        if self._backbone is None:
+            if self._source is None:
+                raise ConfigError("backbone", "is needed to encode what the cache lacks")
+            model = self._source() if self._factory else self._source
+            if self._cache is not None:
+                self._cache.identity.check_same(model.identity, f"the cache {self._cache.root}")
+            self._backbone = model
+        return self._backbone
+
+
+def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: BackboneSource, *,
                   batch_size: int = 64, workers: int | None = None, strict: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> EmbedSummary:
-    """Encode the posters of `records` that the cache lacks and store every usable record."""
-    cache.identity.check_same(backbone.identity, f"the cache {cache.root}")
-    if batch_size < 1:
-        raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
-    workers = default_workers(backbone) if workers is None else max(0, workers)
+    """Encode the posters of `records` that the cache lacks and store every usable record.
+
+    backbone: a Backbone, or a function returning one, called only when some poster is new (so a
+    rerun over cached posters loads no model)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
+    get_backbone = _LazyBackbone(backbone, cache)
     started = time.perf_counter()
     summary = EmbedSummary(records=len(records))
 
@@ -136,8 +171,9 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ClipposterError(f"poster id {dup!r} appears more than once in the source; ids must be unique")
 
-    # Pass 1: content hashes.
-    with ThreadPoolExecutor(max_workers=max(2, workers)) as pool:  # file reads and hashing: I/O-bound
+    # Pass 1: content hashes. File reads and hashing are I/O-bound: more threads than decode workers.
+    hash_threads = max(2, workers if workers is not None else min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=hash_threads) as pool:
         hashed = list(tqdm(pool.map(_hash_file, records), total=len(records), desc="hashing", unit="poster",
                            disable=not progress, leave=False))
     usable: list[tuple[PosterRecord, str]] = []
@@ -160,11 +196,17 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
 
     # Pass 2: decode ahead of the model, encode in batches, commit each batch.
     todo = [(h, recs[0].image) for h, recs in pending.items()]
-    load = make_loader(backbone, max_pixels)
+    if not todo:  # everything cached (or unusable): no model to load, nothing to encode
+        summary.seconds = time.perf_counter() - started
+        return summary
+    model = get_backbone()
+    workers = default_workers(model) if workers is None else max(0, workers)
+    load = make_loader(model, max_pixels)
+    encode_started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
-        emb = backbone.encode_image_tensors(torch.stack([t for _, t in batch]))
+        emb = model.encode_image_tensors(torch.stack([t for _, t in batch]))
         hashes = [h for h, _ in batch]
         cache.add_posters(hashes, emb, [(r, h) for h in hashes for r in pending[h]])
         summary.encoded += len(batch)
@@ -184,15 +226,26 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     if batch:
         flush(batch)
     bar.close()
+    summary.encode_seconds = time.perf_counter() - encode_started
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def embed_texts(cache: EmbeddingCache, backbone: Backbone, texts: Iterable[str | None]) -> int:
-    """Cache the embeddings of the usable texts; returns how many distinct texts were given."""
+def embed_texts(cache: EmbeddingCache, backbone: BackboneSource, texts: Iterable[str | None], *,
+                batch_size: int = 256, progress: bool = False) -> int:
+    """Cache the embeddings of the usable texts the cache lacks, committing each batch (a killed run
+    keeps them); returns how many distinct texts were given.
+
+    backbone: a Backbone, or a function returning one, called only when some text is new."""
     uniq = sorted({t for t in texts if t})
-    if uniq:
-        cache.text_embeddings(uniq, backbone=backbone)
+    missing = cache.missing_texts(uniq)
+    if missing:
+        model = _LazyBackbone(backbone, cache)()
+        with tqdm(total=len(missing), desc="encoding texts", unit="text", disable=not progress) as bar:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start:start + batch_size]
+                cache.text_embeddings(chunk, backbone=model, batch_size=batch_size)
+                bar.update(len(chunk))
     return len(uniq)
 
 
@@ -270,9 +323,6 @@ class ResolvedPosters:
                 raise PosterError(p.poster, p.error or "no embedding")
 
 
-BackboneSource = Union[Backbone, Callable[[], Backbone], None]
-
-
 def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCache | None = None,
                     backbone: BackboneSource = None, ids: bool = False, batch_size: int = 64,
                     max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> ResolvedPosters:
@@ -291,19 +341,15 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
     if cache is None and backbone is None:
         raise ConfigError("backbone", "is needed when no cache is given (nothing else can embed a poster)")
     items = [ResolvedPoster(str(p)) for p in posters]
-    state: dict = {"backbone": None, "load": None}
-    factory = backbone is not None and not hasattr(backbone, "encode_image_tensors")
+    # a backbone given is checked against the cache here, before any work; a factory on first use
+    get_backbone = _LazyBackbone(backbone, cache)
+    loaders: dict = {}
 
     def encoder():
-        if state["backbone"] is None:
-            model = backbone() if factory else backbone
-            if cache is not None:
-                cache.identity.check_same(model.identity, f"the cache {cache.root}")
-            state["backbone"], state["load"] = model, make_loader(model, max_pixels)
-        return state["backbone"], state["load"]
-
-    if backbone is not None and not factory:
-        encoder()  # a backbone given: check it against the cache before any work
+        model = get_backbone()
+        if "load" not in loaders:
+            loaders["load"] = make_loader(model, max_pixels)
+        return model, loaders["load"]
 
     bar = tqdm(total=len(items), desc="embedding posters", unit="poster", disable=not progress, leave=False)
     # In batches, so that the bytes of at most one batch of uncached files are held at a time.
@@ -354,5 +400,5 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
     if cache is not None:
         dim = cache.dim
     else:  # no cache: the backbone's width (0 when it never had to be loaded, nothing was embedded)
-        dim = state["backbone"].identity.embed_dim if state["backbone"] is not None else 0
+        dim = get_backbone().identity.embed_dim if get_backbone.loaded else 0
     return ResolvedPosters(items, dim)

@@ -139,3 +139,114 @@ def test_killed_embed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_chec
         rows = [row for (row,) in cache._db.execute("SELECT row FROM posters ORDER BY row")]
         assert rows == list(range(400))
     assert np.load(cache_dir / "images.npy").shape == (400, 64)
+
+
+# ------------------------------------------------------------------ the backbone loads only for work
+def refusing_factory(calls: list):
+    def factory():
+        calls.append(1)
+        raise AssertionError("the backbone was loaded although nothing needed encoding")
+    return factory
+
+
+def test_a_fully_cached_rerun_calls_no_backbone_factory(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.embed import embed_texts, reference_and_prompt_texts
+
+    records = copy_records(synthetic_set[1], 12)
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    embed_records(records, cache, tiny_backbone, progress=False)
+    texts = reference_and_prompt_texts(records)
+    embed_texts(cache, tiny_backbone, texts)
+    calls: list = []
+    again = embed_records(copy_records(synthetic_set[1], 12), cache, refusing_factory(calls), progress=False)
+    assert calls == [] and again.encoded == 0 and again.cached == 12
+    assert again.posters_per_second is None and again.to_dict()["posters_per_second"] is None
+    assert embed_texts(cache, refusing_factory(calls), texts) == len({t for t in texts if t})
+    assert calls == []
+
+
+def test_a_backbone_factory_is_called_once_when_there_is_work(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.embed import embed_texts
+
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    embed_records(copy_records(synthetic_set[1], 5), cache, tiny_backbone, progress=False)
+    calls: list = []
+
+    def factory():
+        calls.append(1)
+        return tiny_backbone
+
+    s = embed_records(copy_records(synthetic_set[1], 9), cache, factory, batch_size=2, progress=False)
+    assert calls == [1] and s.encoded == 4 and s.cached == 5 and s.posters_per_second > 0
+    assert embed_texts(cache, factory, ["a brand new tagline", "another one"]) == 2
+    assert calls == [1, 1] and cache.missing_texts(["a brand new tagline", "another one"]) == []
+
+
+def test_a_factory_of_another_backbone_is_refused_when_loaded(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.backbone import TINY_MODEL, load_backbone
+
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    with pytest.raises(ClipposterError, match="was made with backbone"):
+        embed_records(copy_records(synthetic_set[1], 2), cache, lambda: load_backbone(TINY_MODEL, None, device="cpu"),
+                      progress=False)
+    assert cache.num_posters == 0
+
+
+def test_texts_are_committed_batch_by_batch(tmp_path, tiny_backbone, monkeypatch):
+    """A run killed while encoding texts keeps the batches it finished."""
+    from clipposter.embedding.embed import embed_texts
+
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    texts = [f"tagline number {i}" for i in range(10)]
+    real = tiny_backbone.encode_texts
+    seen: list[int] = []
+
+    def encode_then_die(batch, batch_size=256):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(len(batch))
+        return real(batch, batch_size=batch_size)
+
+    monkeypatch.setattr(tiny_backbone, "encode_texts", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed_texts(cache, tiny_backbone, texts, batch_size=4)
+    monkeypatch.undo()
+    assert seen == [4] and len(cache.missing_texts(texts)) == 6
+
+
+def test_the_backbone_choice_is_checked_against_a_cache_without_loading(tiny_backbone, tiny_checkpoint):
+    from clipposter.embedding.backbone import TINY_MODEL, check_choice, weights_of
+
+    ident = tiny_backbone.identity
+    assert weights_of(TINY_MODEL, str(tiny_checkpoint)) == ident.weights
+    assert weights_of(TINY_MODEL, None).startswith("random") and weights_of("hf-hub:org/x", None) == "hf-hub"
+    check_choice(ident, TINY_MODEL, str(tiny_checkpoint), "the cache C")  # the same: no error
+    with pytest.raises(ClipposterError, match="the cache C was made with backbone clipposter-tiny .* asked for is "
+                                              "ViT-B-32 \\(openai\\)"):
+        check_choice(ident, "ViT-B-32", "openai", "the cache C")
+    with pytest.raises(ClipposterError, match="random-seed"):
+        check_choice(ident, TINY_MODEL, None, "the cache C")
+
+
+def test_a_cache_without_a_recorded_spec_reloads_its_pretrained_tag(monkeypatch, tiny_backbone):
+    """Caches written before the spec was recorded name their tag only in the identity."""
+    import dataclasses
+
+    import clipposter.embedding.backbone as bb
+
+    tagged = dataclasses.replace(tiny_backbone.identity, weights="openai")
+    asked = []
+
+    def fake_load(model, pretrained, device="auto", precision="auto"):
+        asked.append((model, pretrained))
+        return type("B", (), {"identity": tagged})()
+
+    monkeypatch.setattr(bb, "load_backbone", fake_load)
+    bb.load_backbone_like(tagged, None)
+    assert asked == [("clipposter-tiny", "openai")]
+    random = dataclasses.replace(tagged, weights="random-seed0")
+    monkeypatch.setattr(bb, "load_backbone", lambda model, pretrained, **kw: asked.append((model, pretrained))
+                        or type("B", (), {"identity": random})())
+    bb.load_backbone_like(random, None)  # random weights stay random
+    assert asked[-1] == ("clipposter-tiny", None)
+    assert random.is_random and not tagged.is_random
