@@ -25,6 +25,37 @@ from clipposter.records import PosterRecord
 from clipposter.run import read_run
 
 
+# What a run on random weights can still show; `demo`'s fallback notice ends with the same words.
+PIPELINE_CAVEAT = "the scores show that the pipeline works, not how good"
+
+
+def random_weights_notice(identity, caption_config=None) -> str | None:
+    """The warning a report or page needs when the scores come from random weights, or None: read from
+    what the cache records of its backbone (`load_backbone` names random weights "random-seed<N>";
+    a tag or a checkpoint's hash otherwise) and what the caption head records of its LM's start."""
+    random_backbone = str(identity.weights).startswith("random")
+    random_lm = bool(getattr(caption_config, "lm_random_init", False))
+    parts, judged = [], []
+    if random_backbone:
+        parts.append(f"the backbone {identity.model} has random weights ({identity.weights})")
+        judged.append("CLIP")
+    if random_lm:
+        parts.append("the caption head's language model started from random weights")
+        judged.append("a pretrained language model")
+    if not parts:
+        return None
+    verb = "are" if len(judged) > 1 else "is"
+    return f"{' and '.join(parts)}: {PIPELINE_CAVEAT} {' or '.join(judged)} {verb}"
+
+
+def with_weights_notice(notice: str | None, weights_notice: str | None) -> str | None:
+    """A run's own notice (such as `demo`'s fallback, which says why and already carries the caveat)
+    and the random-weights one, without saying the same thing twice."""
+    if not weights_notice or (notice and PIPELINE_CAVEAT in notice):
+        return notice or None
+    return f"{notice}; {weights_notice}" if notice else weights_notice
+
+
 @dataclass
 class PosterAnalysis:
     """What clipposter says about one poster, beside what its record says (when it is known)."""
@@ -85,7 +116,7 @@ class PosterAnalyzer:
         for what, path in (("cache", cache_dir), ("genre head", genre_head_dir), ("caption head", caption_head_dir)):
             if not Path(path).is_dir():
                 raise ClipposterError(f"{path}: no such {what} folder")
-        cache = EmbeddingCache.open(cache_dir)
+        cache = EmbeddingCache.open(cache_dir, mode="r")
         try:
             genre_head = GenreHead.from_pretrained(genre_head_dir, identity=cache.identity)
             caption_head = CaptionHead.load(caption_head_dir, device=str(resolve_device(device)))
@@ -115,6 +146,13 @@ class PosterAnalyzer:
     @property
     def genres(self) -> list[str]:
         return list(self.genre_head.genres)
+
+    @property
+    def notice(self) -> str | None:
+        """The warning to show above anything made from this analyzer: the run's own notice, and the
+        one random weights in the backbone or the caption head's LM call for."""
+        weights = random_weights_notice(self.cache.identity, getattr(self.caption_head, "config", None))
+        return with_weights_notice(self.run_info.get("notice"), weights)
 
     @property
     def strategies(self) -> tuple[str, ...]:

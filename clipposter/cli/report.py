@@ -56,6 +56,8 @@ def cmd_report(args) -> int:
     evals = ", ".join(summary["evaluations"]) or "none"
     lines = [summary["path"],
              f"  {summary['posters']} posters ({summary['split']} split), {human}; evaluations: {evals}"]
+    if summary.get("notice"):
+        lines.append(f"  notice: {summary['notice']}")
     for name, why in summary["skipped"].items():
         lines.append(f"  {_LABELS.get(name, name)} evaluation left out: {why}")
     emit(args, summary, "\n".join(lines))

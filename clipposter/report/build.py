@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from clipposter.analysis import random_weights_notice, with_weights_notice
 from clipposter.errors import ClipposterError, ConfigError, PosterError
 from clipposter.files import atomic_write_bytes
 from clipposter.report.charts import (CHART_CSS, HEAD_COLOUR, bar_chart, compared_setting, genre_f1_chart,
@@ -351,9 +352,9 @@ def build_report(analyzer, out_path: str | os.PathLike, *, split: str = "test", 
     when no evaluation is given and `evaluate` is true, render, and write `out_path` atomically.
 
     A missing evaluation does not stop the report: its section says why. Returns a summary:
-    {"path", "posters", "bytes", "split", "evaluations": [...], "skipped": {...}}."""
-    from clipposter.embedding.backbone import TINY_MODEL
-
+    {"path", "posters", "bytes", "split", "notice", "evaluations": [...], "skipped": {...}}. The notice
+    (shown at the top) is the run's own, with one added when the backbone or the caption head's LM
+    has random weights."""
     if limit < 1:
         raise ConfigError("limit", f"must be at least 1, got {limit}")
     if k < 0:
@@ -421,9 +422,7 @@ def build_report(analyzer, out_path: str | os.PathLike, *, split: str = "test", 
         "run": info.get("run_dir"),
     }
     header.update(header_extra or {})
-    if not header.get("notice") and identity.model == TINY_MODEL:
-        header["notice"] = (f"this cache was embedded with the tiny random backbone {TINY_MODEL}, not real CLIP "
-                            f"weights: the figures show that the pipeline works, not how good CLIP is")
+    header["notice"] = with_weights_notice(header.get("notice"), random_weights_notice(identity, caption_cfg))
     header["notes"] = list(header.get("notes") or []) + notes
     header["skipped"] = {**skipped, **dict(header.get("skipped") or {})}
     thresholds = dict(zip(genre_head.genres, (float(t) for t in genre_head.thresholds_for())))
@@ -432,6 +431,6 @@ def build_report(analyzer, out_path: str | os.PathLike, *, split: str = "test", 
                          thresholds=thresholds).encode("utf-8")
     atomic_write_bytes(out_path, data)
     return {"path": str(out_path), "posters": len(analyses), "bytes": len(data),
-            "split": shown_split or "all",
+            "split": shown_split or "all", "notice": header["notice"],
             "evaluations": [name for name, ev in (("genres", genre_eval), ("captions", caption_eval)) if ev],
             "skipped": skipped}

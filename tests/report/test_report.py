@@ -7,6 +7,7 @@ reuse the session's `demo_run` folder."""
 from __future__ import annotations
 
 import base64
+import html as html_module
 import io
 import json
 import re
@@ -23,6 +24,7 @@ from clipposter.heads.genre.evaluation import format_genre_per_genre, format_gen
 from clipposter.heads.genre.metrics import genre_scores
 from clipposter.report.build import THUMB_WIDTH, build_report, render_report
 from clipposter.search.index import Hit
+from weights_fixtures import weights_run
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -377,3 +379,51 @@ def test_cli_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
         assert code == 2, argv
         assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and needle in err, (argv, err)
         assert not stdout
+
+
+# ------------------------------------------------------------------------------ random weights
+
+CAVEAT = "the scores show that the pipeline works, not how good"
+RANDOM_BACKBONE = ("the backbone clipposter-tiny has random weights (random-seed0): " + CAVEAT + " CLIP is")
+RANDOM_LM = ("the caption head's language model started from random weights: " + CAVEAT
+             + " a pretrained language model is")
+
+
+def _notice(html: str) -> str | None:
+    found = re.search(r'<div class="notice" role="alert"><b>Notice:</b> (.*?)</div>', html, re.S)
+    return html_module.unescape(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize("backbone, lm, expected", [
+    ("random", "loaded", RANDOM_BACKBONE),
+    ("checkpoint", "random", RANDOM_LM),
+    ("random", "random", "the backbone clipposter-tiny has random weights (random-seed0) and the caption head's "
+                         "language model started from random weights: " + CAVEAT
+                         + " CLIP or a pretrained language model are"),
+    ("checkpoint", "loaded", None),
+])
+def test_cli_report_says_when_the_weights_are_random(tmp_path_factory, synthetic_set, tiny_backbone, tmp_path,
+                                                     capsys, backbone, lm, expected):
+    """Not only `demo`'s fallback: any cache embedded with `--pretrained random`, or caption head on a
+    randomly initialised LM, gets the notice; a backbone loaded from a checkpoint file and an LM of
+    trained weights get none (what the cache and the heads record decides, not the architecture)."""
+    parts = weights_run(tmp_path_factory, synthetic_set, tiny_backbone, backbone, lm)
+    out = tmp_path / "r.html"
+    code = _main(["report", "--cache", parts["cache"], "--genre-head", parts["genre_head"], "--caption-head",
+                  parts["caption_head"], "--out", out, "--limit", 2, "-k", 0, "--no-eval", "--json"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert _notice(out.read_text()) == expected
+    assert json.loads(stdout)["notice"] == expected
+
+
+def test_a_demo_fallback_run_says_it_once(demo_run, tmp_path, capsys):
+    """The demo's own notice (why the real weights were not used) already carries the caveat: the
+    report shows it, with no second caveat for the same random weights."""
+    out = tmp_path / "r.html"
+    code = _main(["report", "--run", demo_run, "--out", out, "--limit", 1, "-k", 0, "--no-eval"])
+    assert code == 0, capsys.readouterr().err
+    notice = _notice(out.read_text())
+    run_notice = json.loads((demo_run / "run.json").read_text())["notice"]
+    assert notice == run_notice and "gpt2 weights unavailable" in notice
+    assert notice.count("the pipeline works") == 1
