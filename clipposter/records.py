@@ -70,6 +70,8 @@ def parse_genres(value) -> list[str]:
             items = text.split(",")
     out: list[str] = []
     for item in items:
+        if item is None or (isinstance(item, float) and math.isnan(item)):
+            continue  # a JSON null or a missing list entry: no genre, not one named "None"
         name = str(item).strip()
         if name and name not in out:
             out.append(name)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from clipposter.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "images": ("IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS", "content_hash", "is_image_path", "load_poster", "read_bytes"),
+    "images": ("IMAGE_EXTENSIONS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "content_hash", "is_image_path",
+               "load_poster", "read_bytes"),
+    "manifest": ("read_table",),
     "sources": ("MANIFEST_COLUMNS", "SourceStats", "from_folder", "from_kaggle", "from_manifest", "load_source",
-                "read_table", "write_manifest"),
+                "require_local_images", "write_manifest"),
     "download": ("DownloadReport", "download_posters"),
     "synthetic": ("SYNTHETIC_GENRES", "generate_posters"),
 })

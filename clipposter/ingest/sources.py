@@ -3,8 +3,10 @@
 Four inputs are understood: a folder of images, a CSV/TSV/Parquet manifest, the two Kaggle tables
 the seed paper joined ("Movie Genre from its Poster" and "The Movies Dataset"), and `load_source`,
 which picks one of those from a single command-line spec. Every reader can fill a `SourceStats`
-so the CLI can say how many rows were dropped and why instead of failing on dirty real-world data.
-`write_manifest` writes records in the manifest format `from_manifest` reads.
+so the CLI can say how many rows were dropped and why instead of failing on dirty real-world data,
+and what it decided on the user's behalf (the encoding of a CSV, how the Kaggle tables joined).
+Table files are read by clipposter.ingest.manifest. `write_manifest` writes records in the manifest
+format `from_manifest` reads.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -26,6 +28,7 @@ import pandas as pd
 from clipposter.errors import ClipposterError
 from clipposter.files import atomic_write_bytes
 from clipposter.ingest.images import IMAGE_EXTENSIONS
+from clipposter.ingest.manifest import read_table
 from clipposter.records import DEFAULT_FRACTIONS, PosterRecord, assign_splits, clean_text, parse_genres
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
@@ -51,17 +54,36 @@ _DEFAULT_COLUMNS = {
 
 @dataclass
 class SourceStats:
-    """What a reader saw: rows read, rows dropped and why. Readers add to it, never reset it."""
+    """What a reader saw: rows read, rows dropped and why. Readers add to it, never reset it.
+
+    `notes` say what was decided for the user (a CSV's encoding, the counts of the Kaggle join),
+    `warnings` name things left out one by one (the first MAX_WARNINGS, then how many more), and
+    `join` holds the Kaggle join's counts: join, labelled, with_metadata, kept.
+    """
+
+    MAX_WARNINGS: ClassVar[int] = 10
 
     rows_read: int = 0
     rows_skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    join: dict[str, Any] | None = None
+    _more: int = field(default=0, repr=False)
 
     def skip(self, reason: str, count: int = 1) -> None:
         if count <= 0:
             return
         self.rows_skipped += count
         self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+    def warn(self, line: str) -> None:
+        if len(self.warnings) < self.MAX_WARNINGS:
+            self.warnings.append(line)
+            return
+        self._more += 1
+        del self.warnings[self.MAX_WARNINGS:]
+        self.warnings.append(f"and {self._more} more")
 
     def summary(self) -> str:
         """One line for the CLI, e.g. `read 12 rows, skipped 2 (duplicate imdbId: 2)`."""
@@ -71,7 +93,7 @@ class SourceStats:
         return line
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
 # --------------------------------------------------------------------------- cell helpers
@@ -126,36 +148,6 @@ def _column_list(columns: Sequence[Any]) -> str:
     return ", ".join(repr(str(c)) for c in columns) or "none"
 
 
-def read_table(path: str | os.PathLike, *, encoding: str | None = None) -> pd.DataFrame:
-    """A CSV/TSV (all cells as text) or Parquet table; CSVs fall back from UTF-8 to Latin-1."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        try:
-            return pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise ClipposterError(f"{path}: cannot read as Parquet ({exc}); check the file is a Parquet table") from exc
-    if suffix not in (".csv", ".tsv"):
-        raise ClipposterError(f"{path}: unsupported table type {suffix or '(none)'}; use .csv, .tsv or .parquet")
-    # Latin-1 decodes any byte, so it is the last resort: the Kaggle MovieGenre.csv is Latin-1.
-    encodings = [encoding] if encoding else ["utf-8-sig", "latin-1"]
-    for enc in encodings:
-        try:
-            # Only empty cells are missing: 'NA' or 'None' can be real titles or ids.
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, encoding=enc,
-                               keep_default_na=False, na_values=[""], low_memory=False)
-        except UnicodeDecodeError:
-            if enc == encodings[-1]:
-                raise ClipposterError(f"{path}: not readable as {enc}; pass the right `encoding`") from None
-        except LookupError:
-            raise ClipposterError(f"{path}: unknown encoding {enc!r}; pass a Python codec name") from None
-        except pd.errors.EmptyDataError:
-            raise ClipposterError(f"{path}: the file is empty; expected a header row and data rows") from None
-        except pd.errors.ParserError as exc:
-            raise ClipposterError(f"{path}: malformed {suffix[1:].upper()} ({exc}); fix the quoting of that line") from None
-    raise AssertionError("unreachable: the loop returns or raises")
-
-
 # --------------------------------------------------------------------------- folder
 
 def from_folder(root: str | os.PathLike, recursive: bool = True, *,
@@ -163,7 +155,10 @@ def from_folder(root: str | os.PathLike, recursive: bool = True, *,
     """Every image under `root` (by suffix, hidden files and folders skipped), sorted by path.
 
     The id is the path relative to root without its suffix, with "/" separators, so the same
-    tree gives the same ids on every OS; the image is the absolute path.
+    tree gives the same ids on every OS; the image is the absolute path. A sub-folder that cannot
+    be read, and a file or folder whose name is not valid UTF-8, is skipped with a warning in
+    `stats`: the cache stores ids and paths as UTF-8 text, and no UTF-8 text names such a file,
+    so a poster kept under a made-up name could never be opened from its record again.
     """
     stats = stats if stats is not None else SourceStats()
     base = Path(root).expanduser()
@@ -172,11 +167,31 @@ def from_folder(root: str | os.PathLike, recursive: bool = True, *,
     if not base.is_dir():
         raise ClipposterError(f"{base}: not a folder; pass a folder of images or a manifest file")
     base = base.absolute()
+    if not _is_utf8(str(base)):
+        raise ClipposterError(f"{_printable(base)}: the folder's path is not valid UTF-8; rename it "
+                              f"(convmv converts names from Latin-1)")
+
+    def unreadable(exc: OSError) -> None:
+        where = _printable(exc.filename or base)
+        if os.path.abspath(exc.filename or base) == str(base):
+            raise ClipposterError(f"cannot read folder {where}: {exc.strerror or exc}") from None
+        stats.rows_read += 1
+        stats.skip("unreadable folder")
+        stats.warn(f"cannot read folder {where}: {exc.strerror or exc}; its posters are left out")
 
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        # Pruning in place stops os.walk from descending into hidden or (non-recursive) subfolders.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+    for dirpath, dirnames, filenames in os.walk(base, onerror=unreadable):
+        # Pruning in place stops os.walk from descending into hidden, badly named or (non-recursive)
+        # subfolders.
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")) if recursive else []:
+            if _is_utf8(name):
+                kept.append(name)
+            else:
+                stats.rows_read += 1
+                stats.skip("folder name not valid UTF-8")
+                stats.warn(f"skipped folder {_printable(os.path.join(dirpath, name))}: {_RENAME}")
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -184,6 +199,10 @@ def from_folder(root: str | os.PathLike, recursive: bool = True, *,
             stats.rows_read += 1
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 stats.skip("not an image file")
+                continue
+            if not _is_utf8(name):
+                stats.skip("file name not valid UTF-8")
+                stats.warn(f"skipped {_printable(path)}: {_RENAME}")
                 continue
             found.append((path.relative_to(base).as_posix(), path))
     found.sort()
@@ -198,6 +217,23 @@ def from_folder(root: str | os.PathLike, recursive: bool = True, *,
         seen[record_id] = rel
         records.append(PosterRecord(id=record_id, image=str(path)))
     return records
+
+
+_RENAME = "its name is not valid UTF-8; rename it (convmv converts names from Latin-1)"
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes the file system encoding could not decode (held as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str | os.PathLike) -> str:
+    """A path as printable text: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -231,7 +267,7 @@ def from_manifest(path: str | os.PathLike, *, id_col: str | None = "id", image_c
     path = Path(path).expanduser()
     if not path.is_file():
         raise ClipposterError(f"{path}: manifest not found; check the path")
-    table = read_table(path, encoding=encoding)
+    table = read_table(path, encoding=encoding, notes=stats.notes)
     columns = list(table.columns)
 
     wanted = {"id": id_col, "image": image_col, "genres": genres_col, "tagline": tagline_col,
@@ -373,7 +409,7 @@ def _poster_files(poster_dir: Path) -> dict[str, str]:
 
 
 def _metadata_by_id(path: Path, encoding: str | None, stats: SourceStats) -> dict[str, dict[str, Any]]:
-    table = read_table(path, encoding=encoding)
+    table = read_table(path, encoding=encoding, notes=stats.notes)
     columns = list(table.columns)
     id_col = _find_column(columns, "imdb_id")
     if id_col is None:
@@ -405,14 +441,16 @@ def _metadata_by_id(path: Path, encoding: str | None, stats: SourceStats) -> dic
 
 
 def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | os.PathLike | None = None,
-                poster_dir: str | os.PathLike | None = None, join: str = "inner", *,
+                poster_dir: str | os.PathLike | None = None, join: str = "left", *,
                 encoding: str | None = None, stats: SourceStats | None = None) -> list[PosterRecord]:
     """Records from the seed paper's Kaggle tables, joined by IMDb id.
 
     Poster URL, title and genres come from MovieGenre.csv ("Movie Genre from its Poster"; ids
     become tt + 7 digits, repeated imdbIds keep the first row); tagline and overview come from
     movies_metadata.csv ("The Movies Dataset"), whose malformed rows are skipped and counted.
-    `join="inner"` keeps posters with metadata (the paper's setup), `"left"` keeps all posters.
+    `join="left"` (the default) keeps every labelled poster, with no tagline or overview where the
+    metadata has no row; `"inner"` keeps only posters with metadata (the paper's setup). The counts
+    (labelled, with metadata, kept) go to `stats.join` and a note.
     Genres stay IMDb's (MovieGenre): TMDB's names differ ("Science Fiction" vs "Sci-Fi").
     With `poster_dir`, image is poster_dir/<id>.jpg (or another image suffix) when it exists.
     """
@@ -432,7 +470,7 @@ def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | o
             raise ClipposterError(f"{poster_path}: poster folder not found; download posters first or omit it")
         posters = _poster_files(poster_path)
 
-    table = read_table(genre_path, encoding=encoding)
+    table = read_table(genre_path, encoding=encoding, notes=stats.notes)
     columns = list(table.columns)
     cols = {k: _find_column(columns, k) for k in ("imdbId", "Genre", "Poster", "Title")}
     missing = [k for k in ("imdbId", "Genre", "Poster") if cols[k] is None]
@@ -445,6 +483,7 @@ def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | o
     values = {k: (table[c].tolist() if c else [None] * len(table)) for k, c in cols.items()}
     records: list[PosterRecord] = []
     seen: set[str] = set()
+    matched = 0
     for i in range(len(table)):
         stats.rows_read += 1
         record_id = imdb_id(values["imdbId"][i])
@@ -456,6 +495,7 @@ def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | o
             continue
         seen.add(record_id)
         meta = metadata.get(record_id) if metadata is not None else None
+        matched += meta is not None
         if metadata is not None and meta is None and join == "inner":
             stats.skip(f"{name}: no metadata match (inner join)")
             continue
@@ -466,7 +506,30 @@ def from_kaggle(movie_genre_csv: str | os.PathLike, movies_metadata_csv: str | o
             tagline=meta.get("tagline"), overview=meta.get("overview"),
             title=_text(values["Title"][i]) or meta.get("title"),
             url=url if url is not None and _is_url(url) else None))
+    if metadata is not None:
+        labelled, kept = len(seen), len(records)
+        stats.join = {"join": join, "labelled": labelled, "with_metadata": matched, "kept": kept}
+        what = (f"left join: {labelled - matched} have no tagline or overview" if join == "left"
+                else f"inner join: {labelled - matched} without metadata left out; `join` left keeps them")
+        stats.notes.append(f"{name}: {labelled} labelled posters, {matched} with metadata in {meta_path.name}; "
+                           f"kept {kept} ({what})")
     return records
+
+
+def require_local_images(records: Sequence[PosterRecord], spec: str | os.PathLike) -> None:
+    """ClipposterError when none of `records` has a local image file (only URLs), saying where the
+    posters were looked for and how to fetch them; `spec` is the source as given to load_source."""
+    if any(r.image for r in records):
+        return
+    text = os.fspath(spec)
+    if text.startswith("kaggle:"):
+        posters = Path(text[len("kaggle:"):] or ".").expanduser() / KAGGLE_POSTER_DIR
+        example = next((f"e.g. {r.id}.jpg" for r in records), "")
+        raise ClipposterError(f"{text}: none of the {len(records)} posters has an image file in {posters} "
+                              f"(looked for <imdb id>.jpg, {example}); fetch them with "
+                              f"`clipposter download {text} --out {posters}`, or pass `download_dir`")
+    raise ClipposterError(f"{text}: none of the {len(records)} posters has a local image file (only URLs); "
+                          f"fetch them with `clipposter download {text} --out DIR`, or pass `download_dir`")
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -250,7 +250,8 @@ def test_imdb_id_normalisation():
 
 def test_kaggle_inner_join(kaggle_dir):
     stats = SourceStats()
-    records = from_kaggle(kaggle_dir / "MovieGenre.csv", kaggle_dir / "movies_metadata.csv", stats=stats)
+    records = from_kaggle(kaggle_dir / "MovieGenre.csv", kaggle_dir / "movies_metadata.csv", join="inner",
+                          stats=stats)
     by_id = {r.id: r for r in records}
     assert list(by_id) == ["tt0114709", "tt0113497", "tt0211915"]
     toy = by_id["tt0114709"]
@@ -327,9 +328,11 @@ def test_load_source_dispatch(tmp_path, kaggle_dir):
     stats = SourceStats()
     records = load_source(f"kaggle:{kaggle_dir}", stats=stats)
     by_id = {r.id: r for r in records}
-    assert list(by_id) == ["tt0114709", "tt0113497", "tt0211915"]
+    # the metadata joined by default, every labelled poster kept (tt1234567 has no metadata row)
+    assert list(by_id) == ["tt0114709", "tt0113497", "tt0211915", "tt1234567"]
     assert by_id["tt0113497"].image == str(kaggle_dir / "posters" / "tt0113497.jpg")
-    assert stats.rows_skipped == 5
+    assert by_id["tt0113497"].tagline == "Roll the dice and unleash the excitement!"
+    assert stats.rows_skipped == 4
 
 
 def test_load_source_errors(tmp_path):
