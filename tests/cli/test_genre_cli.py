@@ -137,9 +137,26 @@ def _text_sets(stdout: str, paths: list[str], starred: bool) -> list[set[str]]:
     return out
 
 
-def test_predict_shows_the_genres_at_or_above_their_threshold(capsys, head_dir, cache_dir, synthetic_set):
+@pytest.fixture(scope="module")
+def spread_head_dir(head_dir, tmp_path_factory):
+    """The trained head with per-genre thresholds set apart from the global one (on its ~12
+    validation posters every genre took the global threshold)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("genre-cli-spread") / "head"
+    shutil.copytree(head_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    g = cfg["thresholds"]["global"]
+    cfg["thresholds"]["per_genre"] = [min(0.95, max(0.05, g + (0.15 if i % 2 else -0.15)))
+                                      for i in range(len(cfg["genres"]))]
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_predict_shows_the_genres_at_or_above_their_threshold(capsys, spread_head_dir, cache_dir, synthetic_set):
     """JSON, the plain text list and the starred --top-k list, at the saved thresholds, the global
     one and a fixed cut: each names exactly the genres whose probability reaches the threshold."""
+    head_dir = spread_head_dir
     _, records = synthetic_set
     records = records[:40]
     paths = [r.image for r in records]

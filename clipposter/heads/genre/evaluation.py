@@ -52,18 +52,19 @@ def evaluate_genres(head: GenreHead, cache, *, baselines: Sequence[str] = BASELI
     main_name = head.kind
     models: dict[str, dict] = {main_name: score_model(main_name, head, head.thresholds_for())}
     val = splits["validation"]
+    train_freq = splits["train"].labels.mean(0) if len(splits["train"].ids) else None
     if "zero-shot" in baselines and head.kind != "zero-shot":
         if head.genre_text is None:
             raise ClipposterError(f"the head {head.source} stores no genre prompt embeddings; retrain it")
         zs = zero_shot_head(head.genres, head.genre_text, head.identity, head.backbone_spec, head.templates)
-        cal = genre_calibrate_thresholds(val.labels, zs.predict_proba(val.embeddings))
+        cal = genre_calibrate_thresholds(val.labels, zs.predict_proba(val.embeddings), train_frequency=train_freq)
         models["zero-shot"] = score_model("zero-shot", zs, np.asarray(cal["per_genre"]))
     if "linear-probe" in baselines and head.kind != "linear-probe" and len(splits["train"].ids):
         module, _ = fit_linear_probe(splits["train"].embeddings, splits["train"].labels, c=probe_c, seed=seed,
                                      progress=progress, genres=head.genres)
         lp = GenreHead("linear-probe", head.genres, module, identity=head.identity,
                        backbone_spec=head.backbone_spec, config={"embed_dim": cache.dim, "num_genres": g, "C": probe_c})
-        cal = genre_calibrate_thresholds(val.labels, lp.predict_proba(val.embeddings))
+        cal = genre_calibrate_thresholds(val.labels, lp.predict_proba(val.embeddings), train_frequency=train_freq)
         models["linear-probe"] = score_model("linear-probe", lp, np.asarray(cal["per_genre"]))
     if "constant" in baselines and len(splits["train"].ids):
         const = genre_constant_top_k(splits["train"].labels, val.labels)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from clipposter.errors import ConfigError
+
 GENRE_AVERAGES = ("micro", "macro", "samples")
 
 
@@ -124,28 +126,72 @@ def _best_f1_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     return t, float(f1[i])
 
 
-def genre_calibrate_thresholds(y_true, scores, fallback: float = 0.5) -> dict:
-    """Thresholds chosen on a (validation) split to maximise F1.
+# The rule that holds on small validation splits (docs/genres.md has the measurements behind it).
+CALIBRATION_MIN_SUPPORT = 5  # validation positives a genre needs for a threshold of its own
+CALIBRATION_SHRINKAGE = 20.0  # weight of the global threshold, in validation positives
+RARE_FREQUENCY = 0.25  # a genre on fewer training posters than this share is never predicted on ...
+MAX_RARE_SHARE = 0.5  # ... more than this share of validation posters
 
-    Returns {"per_genre": [...], "global": t, "fallback_genres": [...]}: one threshold per genre
-    maximising that genre's F1, and one threshold for all genres maximising micro-F1. Genres with no
-    positive in the split have no F1 to maximise and take the global threshold (listed in
-    `fallback_genres` by index); with no positive at all, everything takes `fallback`.
+
+def _cap_share(s: np.ndarray, share: float) -> float:
+    """The lowest threshold at which at most `share` of the scores `s` are predicted (score >= t),
+    placed halfway between the last score let through and the next lower one."""
+    keep = int(np.floor(share * s.size))
+    ordered = np.sort(s)[::-1]
+    if keep >= s.size:
+        return float(ordered[-1])
+    below = ordered[keep]  # the highest score that must stay out
+    above = ordered[ordered > below]
+    if above.size == 0:
+        return float(np.nextafter(below, np.inf))
+    return (float(above.min()) + float(below)) / 2
+
+
+def genre_calibrate_thresholds(y_true, scores, fallback: float = 0.5, *, train_frequency=None,
+                               min_support: int = CALIBRATION_MIN_SUPPORT,
+                               shrinkage: float = CALIBRATION_SHRINKAGE) -> dict:
+    """Thresholds chosen on a (validation) split for F1, by a rule that holds on small splits.
+
+    The global threshold maximises micro-F1 over all genres' scores pooled. Each genre's own
+    F1-best cut is trusted in proportion to its validation support n (its positives there): the
+    genre's threshold is (n × its cut + `shrinkage` × global) / (n + `shrinkage`), and a genre with
+    fewer than `min_support` positives takes the global threshold (listed in `fallback_genres` by
+    index). With `train_frequency` (each genre's share of training posters), a genre rarer than
+    RARE_FREQUENCY never gets a threshold that predicts it on more than MAX_RARE_SHARE of the
+    split's posters: it is raised to the lowest one that does not (listed in `capped_genres`).
+    `min_support=1, shrinkage=0` without `train_frequency` is the plain per-genre F1-best cut.
+
+    Returns {"per_genre": [...], "global": t, "fallback_genres": [...], "capped_genres": [...]};
+    with no positive at all, every threshold is `fallback`.
     """
     y = _as_labels(y_true)
     s = np.asarray(scores, dtype=np.float64)
+    g = y.shape[1]
+    if min_support < 1:
+        raise ConfigError("min_support", f"must be at least 1, got {min_support}")
+    if not shrinkage >= 0:
+        raise ConfigError("shrinkage", f"must be non-negative, got {shrinkage}")
+    freq = None if train_frequency is None else np.asarray(train_frequency, dtype=np.float64).ravel()
+    if freq is not None and freq.size != g:
+        raise ConfigError("train_frequency", f"must hold one value per genre: {freq.size} values for {g} genres")
     if y.shape[0] == 0 or y.sum() == 0:
-        return {"per_genre": [float(fallback)] * y.shape[1], "global": float(fallback),
-                "fallback_genres": list(range(y.shape[1]))}
+        return {"per_genre": [float(fallback)] * g, "global": float(fallback),
+                "fallback_genres": list(range(g)), "capped_genres": []}
     global_t, _ = _best_f1_threshold(y.ravel(), s.ravel())
-    per, fallback_genres = [], []
-    for g in range(y.shape[1]):
-        if y[:, g].sum() == 0:
-            per.append(global_t)
-            fallback_genres.append(g)
+    per, fallback_genres, capped = [], [], []
+    for j in range(g):
+        support = int(y[:, j].sum())
+        if support < min_support:
+            t = global_t
+            fallback_genres.append(j)
         else:
-            per.append(_best_f1_threshold(y[:, g], s[:, g])[0])
-    return {"per_genre": per, "global": global_t, "fallback_genres": fallback_genres}
+            own, _ = _best_f1_threshold(y[:, j], s[:, j])
+            t = (support * own + shrinkage * global_t) / (support + shrinkage)
+        if freq is not None and freq[j] < RARE_FREQUENCY and (s[:, j] >= t).mean() > MAX_RARE_SHARE:
+            t = _cap_share(s[:, j], MAX_RARE_SHARE)
+            capped.append(j)
+        per.append(float(t))
+    return {"per_genre": per, "global": float(global_t), "fallback_genres": fallback_genres, "capped_genres": capped}
 
 
 # ----- the constant baseline -------------------------------------------------------------------

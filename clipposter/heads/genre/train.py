@@ -24,10 +24,13 @@ from clipposter.heads.genre.baselines import fit_linear_probe
 from clipposter.heads.genre.config import KINDS, DecoderConfig, TrainConfig
 from clipposter.heads.genre.data import GenreData, genre_text_embeddings, load_genre_data
 from clipposter.heads.genre.head import GenreHead
-from clipposter.heads.genre.metrics import genre_calibrate_thresholds, genre_prf
+from clipposter.heads.genre.metrics import (CALIBRATION_MIN_SUPPORT, CALIBRATION_SHRINKAGE, genre_calibrate_thresholds,
+                                            genre_prf)
 from clipposter.heads.genre.model import INFER_BATCH, MLDecoder, ZeroShotClassifier, make_loss, positive_weights
 
 log = logging.getLogger(__name__)
+
+SMALL_VALIDATION = 200  # fewer validation posters than this: the calibration warning says the split is small
 
 
 @dataclass
@@ -154,6 +157,20 @@ def _validation_metrics(head: GenreHead, x: np.ndarray, y: np.ndarray) -> dict:
     return {"validation": out}
 
 
+def _calibration_warnings(calibrated: dict, genres: Sequence[str], validation_posters: int) -> list[str]:
+    """Say when the validation split is too small to place every genre's threshold on its own."""
+    few = calibrated["fallback_genres"]
+    if not few:
+        return []
+    if validation_posters < SMALL_VALIDATION or len(few) == len(genres):
+        return [f"the validation split is small ({validation_posters} posters): {len(few)} of {len(genres)} genres "
+                f"have fewer than {CALIBRATION_MIN_SUPPORT} validation positives and use the global threshold, the "
+                f"others' thresholds are pulled toward it; more validation posters give each genre its own"]
+    names = ", ".join(genres[i] for i in few)
+    return [f"fewer than {CALIBRATION_MIN_SUPPORT} validation posters are labelled {names}: their thresholds are the "
+            f"global one"]
+
+
 def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] | None = None,
                      genres_from_data: bool = False, templates: Sequence[str] = DEFAULT_TEMPLATES,
                      architecture: Mapping | None = None, options: TrainConfig | None = None,
@@ -214,12 +231,17 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
     head = GenreHead(kind, data.genres, module, identity=cache.identity, backbone_spec=cache.backbone_spec,
                      templates=templates, genre_text=genre_text, config=config,
                      training={**options.to_dict(), "cache": str(cache.root)}, data=data.summary())
-    calibrated = genre_calibrate_thresholds(val.labels, head.predict_proba(val.embeddings))
-    head.thresholds = {"mode": options.threshold_mode, **calibrated}
-    if calibrated["fallback_genres"] and len(calibrated["fallback_genres"]) < len(data.genres):
-        names = ", ".join(data.genres[i] for i in calibrated["fallback_genres"])
-        warnings.append(f"no validation poster is labelled {names}: their thresholds are the global one")
+    calibrated = genre_calibrate_thresholds(val.labels, head.predict_proba(val.embeddings),
+                                            train_frequency=train.labels.mean(0))
+    head.thresholds = {"mode": options.threshold_mode,
+                       **{k: calibrated[k] for k in ("per_genre", "global", "fallback_genres")}}
+    warnings += _calibration_warnings(calibrated, data.genres, len(val.ids))
     head.metrics = _validation_metrics(head, val.embeddings, val.labels)
+    head.metrics["calibration"] = {
+        "validation_posters": len(val.ids), "min_support": CALIBRATION_MIN_SUPPORT,
+        "shrinkage": CALIBRATION_SHRINKAGE,
+        "global_threshold_genres": [data.genres[i] for i in calibrated["fallback_genres"]],
+        "capped_genres": [data.genres[i] for i in calibrated["capped_genres"]]}
     if history:
         head.metrics["epochs_run"] = len(history)
         head.metrics["best_epoch"] = min(history, key=lambda e: e.val_loss).epoch

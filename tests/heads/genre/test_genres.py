@@ -375,14 +375,14 @@ def test_genre_prf_against_hand_counts():
 def test_threshold_calibration_picks_the_f1_best_cut():
     y = np.array([[1, 0], [1, 0], [0, 0], [0, 1], [1, 0]])
     s = np.array([[0.9, 0.1], [0.35, 0.2], [0.3, 0.3], [0.2, 0.9], [0.4, 0.8]])
-    cal = genre_calibrate_thresholds(y, s)
+    cal = genre_calibrate_thresholds(y, s, min_support=1, shrinkage=0)  # the plain F1-best cut
     # Genre 0: scores ≥ 0.35 catch all three positives and nothing else; halfway down to 0.3.
     assert cal["per_genre"][0] == pytest.approx(0.325)
     assert genre_predictions(s, cal["per_genre"])[:, 0].tolist() == [1, 1, 0, 0, 1]
     assert genre_prf(y, genre_predictions(s, cal["per_genre"]))["micro"]["f1"] >= \
         genre_prf(y, genre_predictions(s, 0.5))["micro"]["f1"]
     # A genre with no positive takes the global threshold.
-    cal2 = genre_calibrate_thresholds(np.c_[y[:, :1], np.zeros(5)], s)
+    cal2 = genre_calibrate_thresholds(np.c_[y[:, :1], np.zeros(5)], s, min_support=1, shrinkage=0)
     assert cal2["fallback_genres"] == [1] and cal2["per_genre"][1] == cal2["global"]
     assert genre_calibrate_thresholds(np.zeros((3, 2)), np.zeros((3, 2)))["per_genre"] == [0.5, 0.5]
 
@@ -416,11 +416,13 @@ def test_calibrated_thresholds_raise_validation_f1(trained, poster_cache):
     m = trained.head.metrics["validation"]
     assert m["calibrated"]["micro"]["f1"] > m["0.5"]["micro"]["f1"]
     assert m["calibrated"]["macro"]["f1"] > m["0.5"]["macro"]["f1"]
-    # Per genre the calibrated cut is the F1-best one, so no genre gets worse on validation.
+    # With the small-split guards off, each genre's cut is its F1-best one, so no genre gets worse on
+    # validation (the head's own thresholds are pulled toward the global one, which may cost a genre).
     val = load_genre_data(poster_cache, trained.head.genres).splits["validation"]
     probs = trained.head.predict_proba(val.embeddings)
+    plain = genre_calibrate_thresholds(val.labels, probs, min_support=1, shrinkage=0)["per_genre"]
     at_half = genre_scores(val.labels, probs, 0.5, trained.head.genres)["per_genre"]
-    at_cal = genre_scores(val.labels, probs, trained.head.thresholds_for(), trained.head.genres)["per_genre"]
+    at_cal = genre_scores(val.labels, probs, plain, trained.head.genres)["per_genre"]
     assert all(c["f1"] >= h["f1"] - 1e-12 for c, h in zip(at_cal, at_half))
     glob = genre_scores(val.labels, probs, trained.head.thresholds_for("global"), trained.head.genres)
     assert glob["micro"]["f1"] >= m["0.5"]["micro"]["f1"]
@@ -453,10 +455,11 @@ def imbalanced_cache(path, backbone, seed, sizes=(1000, 500, 500), strength=1.2)
 def test_calibrated_thresholds_raise_recall_on_splits_they_were_not_fitted_on(tmp_path, tiny_backbone, data_seed, seed):
     """Thresholds are fitted on validation; scored on test (and train), they raise the 0.5 cut's low
     recall and micro-F1. Control: thresholds fitted on shuffled validation labels (the same
-    procedure, blind to which poster has which genre) raise recall too, but lose F1.
+    procedure, blind to which poster has which genre, and without the training frequencies that
+    only guard rare genres) raise recall too, but lose F1.
     Margins: over data seeds 0-5 × training seeds 0-2 (18 heads) the smallest gains were, on test,
-    recall +0.18 and F1 +0.020 (mean +0.24 / +0.046), on train recall +0.20 and F1 +0.023; the
-    control's test F1 sat ≥ 0.074 below the 0.5 cut's and ≥ 0.125 below the calibrated one's."""
+    recall +0.17 and F1 +0.029 (mean +0.23 / +0.052), on train recall +0.19 and F1 +0.026; the
+    control's test F1 sat ≥ 0.050 below the 0.5 cut's and ≥ 0.107 below the calibrated one's."""
     with imbalanced_cache(tmp_path / "c", tiny_backbone, data_seed) as cache:
         result = train_genre_head(cache, architecture=SMALL, backbone=tiny_backbone, progress=False,
                                   options=TrainConfig(lr=1e-3, epochs=20, batch_size=64, patience=3, seed=seed))

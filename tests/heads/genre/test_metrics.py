@@ -72,15 +72,20 @@ def test_scores_of_one_split():
     assert genre_scores(np.zeros((0, 3)), np.zeros((0, 3)), 0.5, GENRES) is None
 
 
+# The F1-best cut itself is checked with the small-split guards off (min_support=1, shrinkage=0);
+# tests/heads/genre/test_calibration.py checks the guards.
+PLAIN = {"min_support": 1, "shrinkage": 0}
+
+
 def test_calibration_picks_the_best_f1_cut_halfway_below_it():
     y = np.array([[1], [1], [0], [1], [0]])
     s = np.array([[0.9], [0.8], [0.7], [0.6], [0.2]])
     # Cuts: >=0.9 F1 .5; >=0.8 F1 .8; >=0.7 F1 .667; >=0.6 F1 .857 (best); >=0.2 F1 .75.
-    out = genre_calibrate_thresholds(y, s)
+    out = genre_calibrate_thresholds(y, s, **PLAIN)
     assert out["per_genre"] == [pytest.approx((0.6 + 0.2) / 2)]
     assert out["global"] == pytest.approx(0.4) and out["fallback_genres"] == []
     # The best cut at the lowest score keeps that score as the threshold (nothing lies below it).
-    out = genre_calibrate_thresholds(np.array([[1], [1]]), np.array([[0.3], [0.6]]))
+    out = genre_calibrate_thresholds(np.array([[1], [1]]), np.array([[0.3], [0.6]]), **PLAIN)
     assert out["per_genre"] == [pytest.approx(0.3)]
 
 
@@ -88,19 +93,21 @@ def test_calibration_prefers_the_lower_threshold_among_equal_f1():
     y = np.array([[1], [0], [0], [1]])
     s = np.array([[0.9], [0.6], [0.5], [0.3]])
     # >=0.9: P1 R.5 F1 2/3; >=0.6: F1 .5; >=0.5: F1 .4; >=0.3: P.5 R1 F1 2/3 -> the lower cut (more recall).
-    assert genre_calibrate_thresholds(y, s)["per_genre"] == [pytest.approx(0.3)]
+    assert genre_calibrate_thresholds(y, s, **PLAIN)["per_genre"] == [pytest.approx(0.3)]
 
 
 def test_calibration_fallbacks():
     y = np.array([[1, 0], [0, 0], [1, 0]])
     s = np.array([[0.9, 0.9], [0.1, 0.2], [0.8, 0.3]])
-    out = genre_calibrate_thresholds(y, s)
+    out = genre_calibrate_thresholds(y, s, **PLAIN)
     assert out["fallback_genres"] == [1] and out["per_genre"][1] == out["global"]
     assert out["per_genre"][0] == pytest.approx((0.8 + 0.1) / 2)
+    # With the default minimum support, two positives are too few for a threshold of its own.
+    assert genre_calibrate_thresholds(y, s)["per_genre"] == [out["global"]] * 2
     empty = genre_calibrate_thresholds(np.zeros((3, 2)), s, fallback=0.4)
-    assert empty == {"per_genre": [0.4, 0.4], "global": 0.4, "fallback_genres": [0, 1]}
+    assert empty == {"per_genre": [0.4, 0.4], "global": 0.4, "fallback_genres": [0, 1], "capped_genres": []}
     none = genre_calibrate_thresholds(np.zeros((0, 2)), np.zeros((0, 2)))
-    assert none == {"per_genre": [0.5, 0.5], "global": 0.5, "fallback_genres": [0, 1]}
+    assert none == {"per_genre": [0.5, 0.5], "global": 0.5, "fallback_genres": [0, 1], "capped_genres": []}
 
 
 def test_constant_top_k_orders_by_training_frequency_and_picks_k_on_validation():
@@ -172,7 +179,7 @@ def test_evaluation_is_written_as_json(tmp_path):
 
 def test_calibration_skips_cuts_that_catch_no_positive():
     # The highest cut (>= 0.9) has precision and recall 0: its F1 is 0, not 0/0.
-    out = genre_calibrate_thresholds(np.array([[0], [1]]), np.array([[0.9], [0.2]]))
+    out = genre_calibrate_thresholds(np.array([[0], [1]]), np.array([[0.9], [0.2]]), **PLAIN)
     assert out["per_genre"] == [pytest.approx(0.2)]
 
 
@@ -180,10 +187,10 @@ def test_calibration_can_choose_a_cut_whose_precision_and_recall_sum_to_one():
     # >= 0.8: P .5, R .5, F1 .5 (P + R = 1) beats predicting everything (P .2, R 1, F1 .333).
     y = np.array([[0], [1], [0], [0], [0], [0], [0], [0], [0], [1]])
     s = np.array([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2], [0.15], [0.1]])
-    assert genre_calibrate_thresholds(y, s)["per_genre"] == [pytest.approx(0.75)]
+    assert genre_calibrate_thresholds(y, s, **PLAIN)["per_genre"] == [pytest.approx(0.75)]
 
 
 def test_calibration_on_a_single_labelled_poster():
-    out = genre_calibrate_thresholds(np.array([[1, 0]]), np.array([[0.3, 0.8]]))
+    out = genre_calibrate_thresholds(np.array([[1, 0]]), np.array([[0.3, 0.8]]), **PLAIN)
     assert out == {"per_genre": [pytest.approx(0.3), pytest.approx(0.3)], "global": pytest.approx(0.3),
-                   "fallback_genres": [1]}
+                   "fallback_genres": [1], "capped_genres": []}
