@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipposter.cli.common import (add_backbone_args, add_cache_flag, add_json_flag, add_source_args, backbone_from_args,
-                                   emit, load_records, pretrained_value)
+                                   emit, load_records, pretrained_value, warn)
 from clipposter.errors import ClipposterError
 
 
@@ -108,15 +108,25 @@ def cmd_download(args) -> int:
     from clipposter.ingest.download import download_posters
     from clipposter.ingest.sources import load_source
 
-    records = load_source(args.source, seed=0)
-    report = download_posters([r for r in records if r.url], args.out, workers=args.workers,
-                              timeout=args.timeout, retries=args.retries, progress=not args.json)
+    records = [r for r in load_source(args.source, seed=0) if r.url]
+    if not records:
+        raise ClipposterError(f"{args.source}: no poster URLs to download (no url column, or every url is empty)")
+    limits = {k: getattr(args, k) for k in ("deadline", "max_bytes", "max_pixels") if getattr(args, k) is not None}
+    report = download_posters(records, args.out, workers=args.workers, timeout=args.timeout, retries=args.retries,
+                              progress=not args.json, **limits)
     failures = Path(args.out) / "failures.csv"
     if report.failed:
         report.write_failures(failures)
-    payload = report.to_dict()
-    emit(args, payload, f"{report.downloaded} downloaded, {report.skipped_existing} already present, "
-                        f"{len(report.failed)} failed" + (f" (see {failures})" if report.failed else ""))
+    else:
+        failures.unlink(missing_ok=True)  # the report of an earlier run no longer describes the folder
+    emit(args, report.to_dict(), f"{report.downloaded} downloaded, {report.skipped_existing} already present, "
+                                 f"{len(report.failed)} failed" + (f" (see {failures})" if report.failed else ""))
+    if report.failed:
+        had = report.downloaded + report.skipped_existing
+        if not had:  # nothing to work with: a script must notice
+            raise ClipposterError(f"none of the {len(report.failed)} posters could be downloaded; see {failures}")
+        # Some posters are missing, the rest are usable: the run did its job, the warning says what it missed.
+        warn([f"{len(report.failed)} of {had + len(report.failed)} posters could not be downloaded; see {failures}"])
     return 0
 
 
@@ -155,12 +165,28 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("download", help="download posters of a manifest's URL column")
+    p = sub.add_parser("download", help="download posters of a manifest's URL column",
+                       description="Download the poster of every record of SOURCE that has a URL into --out. Resumes: "
+                                   "a poster already there costs no request (it is decoded in full once, then "
+                                   "trusted by its size and mtime). A poster counts only when every byte arrived "
+                                   "and the whole image decodes. Failures are listed in --out/failures.csv; "
+                                   "exits 0 with a warning when some posters failed, and exits 2 when no poster "
+                                   "could be had.")
     p.add_argument("source", metavar="SOURCE", help="manifest or MovieGenre.csv with poster URLs")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="folder for the posters (resumes: present files are skipped)")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="longest wait for a connection or for the next bytes of a body (default 10)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="further tries after a timeout, a dropped connection, a body cut short, 5xx or 429 "
+                        "(default 3)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="most time one URL may take, retries included; checked between reads, so it may run "
+                        "one --timeout over (default: 6 × --timeout)")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="largest poster body, refused while reading (default 50 MB, as for local posters)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="decompression-bomb limit per poster (default 89478485, as for embed)")
     add_json_flag(p)
     p.set_defaults(func=cmd_download)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import make_loader
+from clipposter.ingest.download import STAMP_NAME
 from helpers import installed_script, run_cli, tiny_args
 from http_stub import serving
 
@@ -67,10 +68,12 @@ def test_synth_writes_posters_and_a_manifest_that_embed_reads(tmp_path, capsys, 
 # download
 # ------------------------------------------------------------------------------------------------
 def check_downloaded(folder: Path, originals: dict[str, Path]) -> None:
-    """Every served poster saved as <id>.jpg with the original bytes, and nothing else but the report."""
+    """Every served poster saved as <id>.jpg with the original bytes, and nothing else but the report
+    and the stamp file of the posters that decoded."""
     for poster_id, original in originals.items():
         assert (folder / f"{poster_id}.jpg").read_bytes() == original.read_bytes()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{i}.jpg" for i in originals] + ["failures.csv"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{i}.jpg" for i in originals]
+                                                              + ["failures.csv", STAMP_NAME])
 
 
 def test_download_command_writes_images_and_a_failure_report(tmp_path, capsys, synthetic_set):
