@@ -17,7 +17,10 @@ one): on a shared machine other jobs only ever add time, so the minimum is the b
 suppressed), so all three do the same number of steps. The best sequences of (1) and (3) are
 compared as a check that the naive loop is a real beam search.
 
-Usage: .venv/bin/python scripts/bench/captions.py [--tokenizer /work/shared/assets/gpt2-tokenizer]
+Usage: .venv/bin/python scripts/bench/captions.py [--tokenizer gpt2 | --tokenizer DIR] [--threads N]
+
+The GPT-2 tokenizer comes from the hub name `gpt2` by default (the local Hugging Face cache first,
+then the hub); offline, pass --tokenizer DIR, a folder with GPT-2's tokenizer files.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_TOKENIZER = "/work/shared/assets/gpt2-tokenizer"
+DEFAULT_TOKENIZER = "gpt2"
 
 
 def naive_beam_search(lm, prefix: torch.Tensor, beams: int, steps: int, eos: int) -> list[int]:
@@ -57,7 +60,8 @@ def naive_beam_search(lm, prefix: torch.Tensor, beams: int, steps: int, eos: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="folder with the GPT-2 tokenizer files")
+    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                    help="hub name or folder of the GPT-2 tokenizer (default gpt2: the local HF cache, then the hub)")
     ap.add_argument("--posters", type=int, default=32)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -70,20 +74,26 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    if not (Path(args.tokenizer) / "vocab.json").is_file() and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        print(f"error: {args.tokenizer}: no GPT-2 tokenizer files (vocab.json + merges.txt); pass --tokenizer "
-              f"FOLDER", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from clipposter.embedding.backbone import BackboneIdentity
+    from clipposter.heads.caption.lm import first_line
     from clipposter.heads.caption.model import CaptionHead
     from clipposter.heads.caption.decoding import DecodingConfig
 
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        print(f"error: the GPT-2 tokenizer {args.tokenizer!r} cannot be loaded ({first_line(exc)}); pass "
+              f"--tokenizer DIR, a folder with GPT-2's vocab.json + merges.txt (or tokenizer.json)", file=sys.stderr)
+        return 2
+    if len(tok) != GPT2Config().vocab_size:
+        print(f"error: {args.tokenizer!r} has {len(tok)} tokens, not GPT-2's {GPT2Config().vocab_size}; pass "
+              f"--tokenizer DIR with GPT-2's tokenizer files", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 124M: 12 layers, width 768, vocab 50257
     identity = BackboneIdentity(model="ViT-B-32", weights="random-bench", image_size=224, mean=(0.5,) * 3,

@@ -98,3 +98,19 @@ def test_a_missing_or_broken_gguf_file_is_named_without_blaming_the_network(tmp_
     with pytest.raises(ConfigError) as err:
         load_language_model(str(tmp_path / "empty"))
     assert "offline" not in str(err.value) and ".gguf" in str(err.value)
+
+
+def test_the_caption_benchmark_without_a_gpt2_tokenizer_says_what_to_pass(tmp_path):
+    """The suite runs offline with an empty Hugging Face cache: the default `gpt2` cannot be had, and a
+    folder that is not GPT-2's tokenizer is refused before any model is built."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "bench" / "captions.py"
+    for extra, needle in (([], "the GPT-2 tokenizer 'gpt2' cannot be loaded"),
+                          (["--tokenizer", str(tmp_path / "missing")], "cannot be loaded")):
+        proc = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith("error: ") and needle in lines[0] and "pass --tokenizer DIR" in lines[0]
