@@ -28,6 +28,7 @@ def cmd_embed(args) -> int:
     if not args.no_texts:
         texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
     info = cache.info()
+    cache.close()  # a closed cache rests in a state readers open without writing
     payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict()}
     lines = [summary_line(summary),
              f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
@@ -44,7 +45,7 @@ def cache_backbone(cache, args):
     is another. Returns a function that loads it on first call, once."""
     from functools import cache as once
 
-    from clipposter.embedding.backbone import check_choice, load_backbone_like
+    from clipposter.embedding.weights import check_choice  # light: the choice is checked without torch
 
     identity, pretrained = cache.identity, None  # None: the weights the cache records
     if args.backbone is not None or args.pretrained is not None:
@@ -52,8 +53,15 @@ def cache_backbone(cache, args):
         if args.pretrained is not None or model != identity.model:
             pretrained = pretrained_value(args.pretrained)
             check_choice(identity, model, pretrained, f"the cache {cache.root}")
-    return once(lambda: load_backbone_like(identity, cache.backbone_spec, pretrained=pretrained,
-                                           device=args.device, precision=args.precision))
+
+    @once
+    def load():
+        from clipposter.embedding.backbone import load_backbone_like
+
+        return load_backbone_like(identity, cache.backbone_spec, pretrained=pretrained, device=args.device,
+                                  precision=args.precision)
+
+    return load
 
 
 def summary_line(summary) -> str:

@@ -7,7 +7,6 @@ The backbone's identity (architecture, weights, preprocessing) keys the cache an
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -16,12 +15,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clipposter.embedding.identity import RANDOM_WEIGHTS, BackboneIdentity
+from clipposter.embedding.identity import BackboneIdentity
+# weights_of and check_choice need no torch; they live in a light module and are used from here too
+from clipposter.embedding.weights import RANDOM_SEED, check_choice, file_sha256, weights_of  # noqa: F401
 from clipposter.errors import ClipposterError, ConfigError, cause_line
 from clipposter.files import atomic_path
 
 TINY_MODEL = "clipposter-tiny"
-RANDOM_SEED = 0
 _CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 _configs_registered = False
 
@@ -34,14 +34,6 @@ def _register_configs() -> None:
 
         open_clip.add_model_config(_CONFIG_DIR)
         _configs_registered = True
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -156,27 +148,6 @@ def _preprocess_identity(model, preprocess) -> dict:
         "interpolation": str(cfg.get("interpolation", "bicubic")),
         "resize_mode": str(cfg.get("resize_mode", "shortest")),
     }
-
-
-def weights_of(model_name: str, pretrained: str | None) -> str:
-    """The `weights` a backbone loaded with these arguments has in its identity, found without loading
-    it: the pretrained tag, "sha256:<hex>" of a local checkpoint file, "hf-hub" for hub models, or the
-    seeded random weights' name."""
-    if model_name.startswith("hf-hub:"):
-        return "hf-hub"
-    if pretrained and os.path.isfile(pretrained):
-        return "sha256:" + file_sha256(pretrained)
-    return pretrained or f"{RANDOM_WEIGHTS}{RANDOM_SEED}"
-
-
-def check_choice(identity: BackboneIdentity, model_name: str, pretrained: str | None, what: str) -> None:
-    """Refuse, before loading any weights, a backbone (`model_name`, `pretrained`) that is not the one
-    `what` (a cache, a head) was made with. A choice that passes is still checked once loaded."""
-    weights = weights_of(model_name, pretrained)
-    if model_name != identity.model or weights != identity.weights:
-        raise ClipposterError(
-            f"{what} was made with backbone {identity.describe()} but the backbone asked for is "
-            f"{model_name} ({weights}); use the same `backbone` and `pretrained` or a separate cache directory")
 
 
 def load_backbone(model_name: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "auto",

@@ -17,17 +17,20 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from clipposter.embedding.backbone import Backbone
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.errors import ClipposterError, ConfigError, PosterError
-from clipposter.ingest.images import DEFAULT_MAX_PIXELS, content_hash, load_poster, read_bytes
+from clipposter.ingest.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, content_hash, load_poster, read_bytes
 from clipposter.records import PosterRecord
+
+if TYPE_CHECKING:  # torch is imported where posters are encoded: a fully cached run never loads it
+    import torch
+
+    from clipposter.embedding.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +60,25 @@ class EmbedSummary:
                 "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
 
-def _hash_file(record: PosterRecord) -> tuple[PosterRecord, str | None, str | None]:
+def _hash_file(record: PosterRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[PosterRecord, str | None, str | None]:
     if not record.image:
         return record, None, f"{record.id}: no local image (download it first or give an image path)"
     try:
-        return record, content_hash(read_bytes(record.image)), None
+        return record, content_hash(read_bytes(record.image, max_bytes=max_bytes)), None
     except PosterError as exc:
         return record, None, str(exc)
 
 
-def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[..., torch.Tensor]:
+def make_loader(backbone: Backbone, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> Callable[..., torch.Tensor]:
     """Path (or the file's bytes, with `name` for errors) → preprocessed pixel tensor. JPEGs are decoded
     at a reduced DCT scale that still covers the model's input size, which is most of the decode cost
     saved on large posters."""
     size = backbone.image_size
 
     def load(source, name: str | None = None) -> torch.Tensor:
-        return backbone.preprocess(load_poster(source, max_pixels=max_pixels, draft_size=size, name=name))
+        return backbone.preprocess(load_poster(source, max_pixels=max_pixels, draft_size=size, name=name,
+                                               max_bytes=max_bytes))
 
     return load
 
@@ -125,7 +130,7 @@ def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
     log.warning("skipped %s", reason)
 
 
-BackboneSource = Union[Backbone, Callable[[], Backbone], None]
+BackboneSource = Union["Backbone", Callable[[], "Backbone"], None]
 
 
 class _LazyBackbone:
@@ -155,7 +160,8 @@ class _LazyBackbone:
 
 def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: BackboneSource, *,
                   batch_size: int = 64, workers: int | None = None, strict: bool = False,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> EmbedSummary:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                  progress: bool = True) -> EmbedSummary:
     """Encode the posters of `records` that the cache lacks and store every usable record.
 
     backbone: a Backbone, or a function returning one, called only when some poster is new (so a
@@ -174,8 +180,8 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     # Pass 1: content hashes. File reads and hashing are I/O-bound: more threads than decode workers.
     hash_threads = max(2, workers if workers is not None else min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=hash_threads) as pool:
-        hashed = list(tqdm(pool.map(_hash_file, records), total=len(records), desc="hashing", unit="poster",
-                           disable=not progress, leave=False))
+        hashed = list(tqdm(pool.map(lambda r: _hash_file(r, max_bytes), records), total=len(records),
+                           desc="hashing", unit="poster", disable=not progress, leave=False))
     usable: list[tuple[PosterRecord, str]] = []
     for rec, h, err in hashed:
         if err is not None:
@@ -199,9 +205,11 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     if not todo:  # everything cached (or unusable): no model to load, nothing to encode
         summary.seconds = time.perf_counter() - started
         return summary
+    import torch
+
     model = get_backbone()
     workers = default_workers(model) if workers is None else max(0, workers)
-    load = make_loader(model, max_pixels)
+    load = make_loader(model, max_pixels, max_bytes)
     encode_started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
@@ -325,7 +333,8 @@ class ResolvedPosters:
 
 def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCache | None = None,
                     backbone: BackboneSource = None, ids: bool = False, batch_size: int = 64,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> ResolvedPosters:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                    progress: bool = False) -> ResolvedPosters:
     """Embeddings of posters: from `cache` where it holds the file's content (or, with `ids`, where the
     argument is not a file but a poster id of the cache), else encoded through `backbone` by the same
     decode path as `embed`. Each file is read and hashed once; its bytes are decoded from memory.
@@ -348,7 +357,7 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
     def encoder():
         model = get_backbone()
         if "load" not in loaders:
-            loaders["load"] = make_loader(model, max_pixels)
+            loaders["load"] = make_loader(model, max_pixels, max_bytes)
         return model, loaders["load"]
 
     bar = tqdm(total=len(items), desc="embedding posters", unit="poster", disable=not progress, leave=False)
@@ -366,7 +375,7 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
                     item.row, item.source = row, "cache"
                 continue
             try:
-                data[n] = read_bytes(item.poster)
+                data[n] = read_bytes(item.poster, max_bytes=max_bytes)
             except PosterError as exc:
                 item.error = exc.reason
                 continue
@@ -385,6 +394,8 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
                 for _, item in todo:
                     item.error = "not in the cache, and no backbone to encode it"
             else:
+                import torch
+
                 model, load = encoder()
                 pixels = []
                 for n, item in todo:

@@ -162,3 +162,21 @@ def test_random_weights_are_recorded_and_shown_by_cache_info(tmp_path, capsys, s
     assert code == 0 and "random weights" not in out
     code, out, _ = run_cli(capsys, "cache", "info", "--cache", tmp_path / "r", "--json")
     assert json.loads(out)["random_weights"] is True
+
+
+def test_fully_cached_rerun_does_not_even_import_torch(embedded, tmp_path, synthetic_set, tiny_checkpoint):
+    """What a cached rerun costs is the hashing: torch alone is ~0.5 GB of memory and seconds to import."""
+    import subprocess
+    import sys
+
+    manifest = subset_manifest(tmp_path / "again.csv", synthetic_set, 0, 20)
+    script = ("import json, sys\n"
+              "from clipposter.cli.main import main\n"
+              f"code = main(['embed', {str(manifest)!r}, '--cache', {str(embedded)!r}, '--backbone', "
+              f"'clipposter-tiny', '--pretrained', {str(tiny_checkpoint)!r}, '--json'])\n"
+              "print(json.dumps({'code': code, 'heavy': sorted(m for m in ('torch', 'open_clip') "
+              "if m in sys.modules)}), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["summary"]["cached"] == 20
