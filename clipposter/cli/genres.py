@@ -51,7 +51,7 @@ def cmd_train_genres(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    with EmbeddingCache.open(args.cache) as cache:
+    with EmbeddingCache.open(args.cache, mode="r") as cache:
         result = train_genre_head(cache, kind=args.kind, genres=genres, genres_from_data=args.genres_from_data,
                                   templates=templates, architecture=architecture, options=options,
                                   pretrained=pretrained_arg(args.pretrained), device=args.device,
@@ -91,7 +91,7 @@ def cmd_evaluate_genres(args) -> int:
 
     head = GenreHead.from_pretrained(args.head)
     baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
-    with EmbeddingCache.open(args.cache) as cache:
+    with EmbeddingCache.open(args.cache, mode="r") as cache:
         report = evaluate_genres(head, cache, baselines=baselines, probe_c=args.probe_c, seed=args.seed,
                                  progress=not args.json)
     out = Path(args.out) if args.out else Path(args.head) / "evaluation.json"
@@ -147,7 +147,7 @@ def cmd_predict(args) -> int:
     if args.cache:
         from clipposter.embedding.cache import EmbeddingCache
 
-        cache = EmbeddingCache.open(args.cache)
+        cache = EmbeddingCache.open(args.cache, mode="r")
     try:
         result = head.predict_posters(paths, cache=cache, pretrained=pretrained_arg(args.pretrained),
                                       device=args.device, threshold=args.threshold, top_k=args.top_k,

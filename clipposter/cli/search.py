@@ -36,7 +36,7 @@ def _open_index(args):
 
     if not 0 < args.target_recall <= 1:
         raise ClipposterError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    cache = EmbeddingCache.open(args.cache)
+    cache = EmbeddingCache.open(args.cache, mode="r")
     try:
         index = PosterIndex.open(cache, kind=args.kind, threshold=args.exact_threshold, rebuild=args.rebuild,
                                  progress=not args.json, target_recall=args.target_recall)

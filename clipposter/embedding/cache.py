@@ -182,7 +182,7 @@ class EmbeddingCache:
         index = self.root / "index.sqlite"
         # Headers first, then counts: a writer rewrites a header only after its commit, so a header
         # read before the count is never ahead of it unless the files do not belong together.
-        states = [m.look() for m in (self._images, self._texts)]
+        states = [m.header_rows() for m in (self._images, self._texts)]
         db = None
         if index.exists():
             with _index_errors(self.root):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +49,6 @@ def write_failure(root: Path, path: Path, exc: OSError, kept: str) -> Clipposter
     return ClipposterError(f"cannot write {path}: {reason} (the cache keeps {kept})")
 
 
-@dataclass(frozen=True)
-class MatrixState:
-    """What one look at a matrix file found: its header's row count and its size (None: no file)."""
-
-    header_rows: int | None
-    size: int
-
-
 class Matrix:
     """An append-only (N, D) .npy file whose committed length is given from outside (the index)."""
 
@@ -67,8 +58,8 @@ class Matrix:
         self.row_bytes = dim * self.dtype.itemsize
 
     # ----- checking --------------------------------------------------------------------------------
-    def look(self) -> MatrixState:
-        """The header's row count and the file size, read without writing (a garbled header is an error)."""
+    def header_rows(self) -> int | None:
+        """The row count in the header (None: no file), read without writing; a garbled header is an error."""
         try:
             with open(self.path, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -76,47 +67,49 @@ class Matrix:
                     raise ValueError(f"format version {version[0]}.{version[1]}")
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
                 offset = f.tell()
-                size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
-            return MatrixState(None, 0)
+            return None
         except (ValueError, EOFError, SyntaxError, TypeError) as exc:
             raise self._unreadable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         if offset != HEADER_BYTES or fortran or np.dtype(dtype) != self.dtype or len(shape) != 2 \
                 or shape[1] != self.dim:
             raise self._unreadable(f"a {np.dtype(dtype)} array of shape {shape}, expected a {self.dtype} matrix "
                                    f"of width {self.dim} with a {HEADER_BYTES}-byte header")
-        return MatrixState(int(shape[0]), size)
+        return int(shape[0])
 
     def _unreadable(self, why: str) -> ClipposterError:
         return ClipposterError(f"{self.path}: not a readable .npy matrix of this cache ({why}); restore it or "
                                f"re-embed into a new `cache` directory")
 
-    def check(self, state: MatrixState, committed: int, max_tail_rows: int | None) -> str | None:
-        """What a writer must repair given `committed` index rows: "cut" (an uncommitted tail), "header"
-        (a header behind the index), or None. Anything a writer could not have left is an error.
+    def check(self, header_rows: int | None, committed: int, max_tail_rows: int | None) -> str | None:
+        """What a writer must repair given the header's rows (read first) and `committed` index rows (read
+        next): "cut" (an uncommitted tail), "header" (a header behind the index), or None. Anything a
+        writer could not have left is an error. The file size is read last: rows are written before
+        their commit, so a live writer never makes committed rows look missing.
 
         max_tail_rows: the most rows one append writes; None for a reader, which repairs nothing and so
         accepts any tail (a writer may be appending right now)."""
-        if state.header_rows is None:
+        if header_rows is None:
             if committed:
                 self._fewer(0, committed)
             return None
-        if state.header_rows > committed:
+        if header_rows > committed:
             raise ClipposterError(
                 f"index.sqlite is missing or older than {self.name}: in {self.root}, {self.name} holds "
-                f"{state.header_rows} rows, the index {committed}; restore index.sqlite together with its "
+                f"{header_rows} rows, the index {committed}; restore index.sqlite together with its "
                 f"index.sqlite-wal file from where the cache came from, or re-embed into a new cache "
                 f"(nothing was changed)")
+        size = self.path.stat().st_size
         full = HEADER_BYTES + committed * self.row_bytes
-        if state.size < full:
-            self._fewer(state.size, committed)
-        tail = state.size - full
+        if size < full:
+            self._fewer(size, committed)
+        tail = size - full
         if max_tail_rows is None:
             return None
         if tail:
-            if state.header_rows != committed:
+            if header_rows != committed:
                 raise ClipposterError(
-                    f"{self.path}: its header records {state.header_rows} rows, the index {committed}, and "
+                    f"{self.path}: its header records {header_rows} rows, the index {committed}, and "
                     f"{tail} more bytes follow them, which no write leaves; the cache is damaged: restore it "
                     f"or re-embed into a new cache (nothing was changed)")
             if tail > max_tail_rows * self.row_bytes:
@@ -125,7 +118,7 @@ class Matrix:
                     f"({max_tail_rows} rows) leaves; index.sqlite may be older than {self.name}: restore it "
                     f"together with its index.sqlite-wal file, or re-embed into a new cache (nothing was changed)")
             return "cut"
-        return "header" if state.header_rows < committed else None
+        return "header" if header_rows < committed else None
 
     def _fewer(self, size: int, committed: int) -> None:
         raise ClipposterError(f"{self.path}: holds fewer rows than its index records ({size} bytes, {committed} "
