@@ -86,7 +86,7 @@ def cmd_cache_info(args) -> int:
     from clipposter.embedding.identity import BackboneIdentity
     from clipposter.embedding.cache import EmbeddingCache
 
-    with EmbeddingCache.open(args.cache) as cache:
+    with EmbeddingCache.open(args.cache, mode="r") as cache:
         info = cache.info()
     bb = BackboneIdentity.from_dict(info.backbone)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(info.splits.items())) or "none"
