@@ -72,6 +72,13 @@ def status_html(message: str, *, error: bool = False) -> str:
     return f'<div class="cp-status {kind}"{role}>{prefix}{html.escape(message)}</div>'
 
 
+def notice_html(message: str | None) -> str:
+    """The box at the top of the page for what every answer should be read with (random weights)."""
+    if not message:
+        return ""
+    return f'<div class="cp-status cp-notice" role="alert"><strong>Notice:</strong> {html.escape(message)}</div>'
+
+
 def chart_html(probabilities: dict[str, float], predicted: list[str], labels: list[str]) -> str:
     """Horizontal bars, one per genre in the head's order; predicted genres filled and ticked,
     the poster's own labels (when known) marked. Plain HTML: readable without scripts."""
@@ -168,6 +175,8 @@ class AppHandlers:
         self.genres = list(analyzer.genres)
         self.thumbnails = thumbnails or Thumbnails()
         self.sample_ids = list(analyzer.sample_ids(samples)) if samples > 0 else []
+        # e.g. random weights: the page shows it at the top and every answer's JSON carries it
+        self.notice: str | None = getattr(analyzer, "notice", None)
         self._most: dict[str, int] = {}
 
     # ----- inputs ---------------------------------------------------------------------------------
@@ -272,9 +281,11 @@ class AppHandlers:
             return SearchView(error=msg, status=msg, details={"error": msg, "query": text})
         results = [(thumb, _hit_caption(h)) for h in hits if (thumb := self.thumbnails.get(h.id, h.image))]
         status = f"{len(hits)} posters for {text!r} ({elapsed * 1000:.0f} ms)"
-        return SearchView(status=status, results=results,
-                          details={"query": text, "k": k, "results": [h.to_dict() for h in hits],
-                                   "elapsed_ms": round(elapsed * 1000, 1)})
+        details = {"query": text, "k": k, "results": [h.to_dict() for h in hits],
+                   "elapsed_ms": round(elapsed * 1000, 1)}
+        if self.notice:
+            details["notice"] = self.notice
+        return SearchView(status=status, results=results, details=details)
 
     def samples(self) -> list[tuple[str, str]]:
         """(thumbnail, caption) of the sample posters, in `sample_ids` order (unreadable ones dropped)."""
@@ -310,6 +321,8 @@ class AppHandlers:
             details["image"] = query.get("name")  # not the server's temporary path
         details.update(query=query, strategy=strategy, num_return=num_return, k=k,
                        elapsed_ms=round(elapsed * 1000, 1))
+        if self.notice:
+            details["notice"] = self.notice
         if preview is None and result.id:
             preview = self.thumbnails.get(result.id, result.image)
         return AnalysisView(status=status, image=preview,

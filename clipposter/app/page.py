@@ -22,7 +22,7 @@ from typing import Callable
 from clipposter.app.config import (ANALYSE_API, DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_K, DEFAULT_MAX_UPLOAD_MB,
                                    DEFAULT_NUM_RETURN, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, DELETE_CACHE, GRADIO_MISSING,
                                    MAX_K, MAX_NUM_RETURN, SAMPLE_API, SEARCH_API, TRANSPORT_FACTOR)
-from clipposter.app.handlers import AnalysisView, AppHandlers, Thumbnails, status_html
+from clipposter.app.handlers import AnalysisView, AppHandlers, Thumbnails, notice_html, status_html
 from clipposter.errors import ClipposterError
 
 
@@ -40,6 +40,7 @@ CSS = """
 .cp-status { padding: 0.6em 0.9em; border-radius: 6px; margin: 0.2em 0; }
 .cp-info { background: #eef4ff; border: 1px solid #b6cdf5; color: #1d3561; }
 .cp-error { background: #fdecea; border: 1px solid #e0a39b; color: #8a1f11; font-weight: 600; }
+.cp-notice { background: #fff7ed; border: 2px solid #f97316; color: #7c2d12; }
 .cp-chart { display: flex; flex-direction: column; gap: 4px; }
 .cp-row { display: grid; grid-template-columns: 11em 1fr 4em; align-items: center; gap: 8px; }
 .cp-genre { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
@@ -148,6 +149,8 @@ def build_app(analyzer, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, samples
         gr.Markdown(f"# {html.escape(title)}\nGenres, taglines and similar posters from frozen CLIP embeddings. "
                     f"Upload a poster (JPEG, PNG or WebP, at most {handlers.max_upload_mb:g} MB) or click a "
                     f"sample.")
+        if handlers.notice:
+            gr.HTML(notice_html(handlers.notice), elem_id="cp-notice", js_on_load=None)
         last = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):

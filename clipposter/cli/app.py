@@ -44,7 +44,7 @@ def _announce(url: str, analyzer) -> None:
     from clipposter.app.page import ANALYSE_API, SAMPLE_API, SEARCH_API
 
     print(json.dumps({"url": url, "api": [f"/{name}" for name in (ANALYSE_API, SAMPLE_API, SEARCH_API)], "cache": str(analyzer.cache.root),
-                      "genres": analyzer.genres}), flush=True)
+                      "genres": analyzer.genres, "notice": analyzer.notice}), flush=True)
 
 
 def register(sub, train, evaluate) -> None:
