@@ -180,3 +180,18 @@ def test_fully_cached_rerun_does_not_even_import_torch(embedded, tmp_path, synth
     result = json.loads(proc.stderr.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["summary"]["cached"] == 20
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("", "RuntimeError"),
+    ("\n  \nthe cause\nmore detail", "the cause"),
+    ("short enough", "short enough"),
+    ("word " * 30, "word " * 7 + "…"),  # 40 characters at most, cut after a word
+    ("x" * 100, "x" * 39 + "…"),  # one word longer than the limit is cut inside it
+])
+def test_cause_line_keeps_whole_words(message, expected):
+    from clipposter.errors import cause_line
+    from clipposter.heads.caption.lm import first_line
+
+    assert cause_line(RuntimeError(message), limit=40) == expected
+    assert first_line(RuntimeError("a " * 300)).endswith(" …")  # the caption head's messages too

@@ -10,7 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from clipposter.errors import ClipposterError, ConfigError
+from clipposter.errors import ClipposterError, ConfigError, cause_line
 from clipposter.heads.caption.config import DEFAULT_LM
 
 __all__ = ["offline", "first_line", "quiet_transformers", "is_gguf", "load_language_model", "max_positions"]
@@ -25,8 +25,7 @@ def offline() -> bool:
 
 def first_line(exc: BaseException) -> str:
     """An exception as one short line (libraries raise multi-line messages; ours are one line)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+    return cause_line(exc)
 
 
 @contextlib.contextmanager
