@@ -149,6 +149,7 @@ def filled(root, n=50, texts=3):
 def test_a_deleted_index_is_refused_and_the_embeddings_are_kept(tmp_path, mode):
     root = filled(tmp_path / "c")
     (root / "index.sqlite").unlink()
+    (root / ".lock").unlink()  # as in a copy: refusing creates no lock file either
     before = snapshot(root)
     with pytest.raises(ClipposterError, match=r"^index\.sqlite is missing or older than images\.npy: .*images\.npy "
                                               r"holds 50 rows, the index 0; .*re-embed into a new cache"):
