@@ -15,7 +15,8 @@ from clipposter.embedding.backbone import TINY_MODEL, load_backbone, save_tiny_b
 from clipposter.ingest.synthetic import generate_posters
 
 
-_HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+# CLIPPOSTER_CACHE: where trained offline backbones are kept; the suite's own, never the user's.
+_HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "CLIPPOSTER_CACHE")
 _hf_before: dict[str, str | None] = {}
 
 
@@ -25,7 +26,8 @@ def pytest_configure(config):
     before collection, because huggingface_hub reads these once, at import. Tests of the online path
     (test_online.py) run their subprocesses with their own cache and a local stand-in of the hub."""
     home = tempfile.mkdtemp(prefix="clipposter-test-hf-")
-    values = {"HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"), "HF_HUB_OFFLINE": "1"}
+    values = {"HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"), "HF_HUB_OFFLINE": "1",
+              "CLIPPOSTER_CACHE": os.path.join(home, "clipposter")}
     for key in _HF_ENV:
         _hf_before[key] = os.environ.get(key)
         os.environ[key] = values[key]

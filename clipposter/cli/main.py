@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from clipposter.cli import app, captions, demo, embed, genres, report, search
+from clipposter.cli import app, backbone, captions, demo, embed, genres, report, search
 from clipposter.cli.common import EXIT_ERROR, flag_for
 from clipposter.errors import ClipposterError, ConfigError
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="train_head", required=True)
     evaluate_heads = sub.add_parser("evaluate", help="evaluate a head on a cache split").add_subparsers(
         dest="evaluate_head", required=True)
-    for module in (genres, captions, search, report, app, demo):
+    for module in (genres, captions, backbone, search, report, app, demo):
         module.register(sub, train_heads, evaluate_heads)
     for leaf in leaf_parsers(parser):
         # the parser of the invoked command, to name its flags in error messages

@@ -36,6 +36,12 @@ def _register_configs() -> None:
         _configs_registered = True
 
 
+def register_model_configs() -> None:
+    """Make the package's own architectures known to open_clip, for code that builds one to train
+    (clipposter.embedding.contrastive)."""
+    _register_configs()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
