@@ -56,6 +56,7 @@ NOISE_JPEG = _noise_jpeg()
 CUT_JPEG = NOISE_JPEG[: len(NOISE_JPEG) * 6 // 10]  # headers whole, scan data cut
 SLOW_SECONDS = 1.0
 TRICKLE_INTERVAL = 0.05  # seconds between the bytes of /trickle: each read succeeds long before a timeout
+TRICKLE_BYTES = 80  # 4 s of trickle
 FAST = dict(timeout=0.3, retries=1, backoff=0.01, progress=False)
 
 
@@ -145,9 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/cut-once":
             self._send(200, CUT_JPEG if hits == 1 else NOISE_JPEG, "image/jpeg", length=False)
         elif path == "/trickle":
-            # One byte at a time, each well within any read timeout, for far longer than a download may take.
+            # One byte at a time, each well within any read timeout, for longer than the tests' deadlines
+            # (then the connection closes, so a client without a deadline fails the test in seconds, not minutes).
             self._send_head(200, "image/jpeg", len(NOISE_JPEG))
-            for byte in NOISE_JPEG:
+            for byte in NOISE_JPEG[:TRICKLE_BYTES]:
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(TRICKLE_INTERVAL)
