@@ -59,7 +59,7 @@ def test_help_is_quick_and_lists_every_command():
 def test_every_command_has_json_and_the_shared_flags_mean_one_thing():
     found = leaves()
     assert set(found) == {"embed", "cache info", "synth", "download", "train genres", "train captions",
-                          "evaluate genres", "evaluate captions", "predict", "caption", "search", "duplicates",
+                          "train backbone", "evaluate genres", "evaluate captions", "predict", "caption", "search", "duplicates",
                           "report", "app", "demo"}
     for name, leaf in found.items():
         opts = options(leaf)
@@ -76,7 +76,7 @@ def test_every_command_has_json_and_the_shared_flags_mean_one_thing():
     for name in ("embed", "cache info", "train genres", "train captions", "evaluate genres", "evaluate captions",
                  "search", "duplicates"):
         assert options(found[name])["--cache"].required, name
-    for name in ("train genres", "train captions", "synth", "download", "demo"):
+    for name in ("train genres", "train captions", "train backbone", "synth", "download", "demo"):
         assert "--out" in options(found[name]), name
 
 

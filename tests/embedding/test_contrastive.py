@@ -39,7 +39,7 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def small_run(synthetic_set, tmp_path_factory):
-    """A few epochs on the 96 training posters of the shared 120-poster set."""
+    """A few epochs on the training posters of the shared 120-poster set."""
     _, records = synthetic_set
     out = tmp_path_factory.mktemp("contrastive") / "small"
     return train_backbone(records, out, SMALL, device="cpu", progress=False), records
