@@ -36,6 +36,7 @@ from clipposter.embedding.contrastive import SYNTHETIC_SEED, ContrastiveConfig, 
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
 from clipposter.errors import ClipposterError
+from clipposter.heads.genre.config import SMALL_DATA_ARCHITECTURE, SMALL_DATA_OPTIONS, SMALL_DATA_POSTERS
 from clipposter.files import replace_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,9 @@ DEFAULT_POSTERS = 600  # a test split of ~60 posters: enough that the scores bes
 
 # Heads are trained "briefly": settings for a few hundred posters (the paper's defaults are for
 # ~35K posters and ten times the steps). Larger sources get the paper's ML-Decoder settings.
-SMALL_DATA = 5_000
-GENRE_SMALL = {"architecture": {"width": 64, "mlp_hidden": 64, "num_heads": 4, "dropout": 0.3},
-               "options": {"lr": 1e-3, "epochs": 40, "batch_size": 32, "patience": 5}}
-GENRE_PAPER = {"architecture": {}, "options": {"epochs": 10}}
+# The genre head takes its settings from its own small-data rule (as `train genres` does).
+SMALL_DATA = SMALL_DATA_POSTERS
+GENRE_RULE = {"posters": SMALL_DATA_POSTERS, "small": {**SMALL_DATA_ARCHITECTURE, **SMALL_DATA_OPTIONS}}
 CAPTION_TINY_LM = {"epochs": 20, "lr": 3e-3, "batch_size": 16, "warmup_steps": 10, "max_tokens": 24}
 CAPTION_REAL_LM = {"epochs": 2, "lr": 1e-4, "batch_size": 16, "warmup_steps": None, "max_tokens": 40}
 # The offline backbone: clipposter-tiny trained on this many synthetic posters of their own seed (never
@@ -289,7 +289,6 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     from clipposter.heads.caption.model import CaptionHead
     from clipposter.heads.caption.train import TrainConfig, train_caption_head
     from clipposter.heads.genre import GenreHead, evaluate_genres, train_genre_head
-    from clipposter.heads.genre import TrainConfig as GenreTrainConfig
     from clipposter.heads.genre.evaluation import write_genre_evaluation
     from clipposter.report.build import build_report
     from clipposter.report.charts import write_genre_f1_chart
@@ -310,18 +309,15 @@ def _heads_index_report(out, cache, cache_dir, records, backbone, lm, online, so
     stages.end("lm", t, lm="tiny GPT-2 (random init, BPE trained on the posters' texts)" if tiny_lm else lm)
 
     # ---- genre head
-    settings = GENRE_SMALL if small else GENRE_PAPER
     genre_dir = out / "genres"
-    key = _fingerprint(data=data_key, settings=settings, seed=seed)
+    key = _fingerprint(data=data_key, settings=GENRE_RULE, seed=seed)
     t = stages.start("genres", "training the genre head (ML-Decoder)")
     if _stage_current(genre_dir, key):
         head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)
         stages.end("genres", t, reused=True)
     else:
         shutil.rmtree(genre_dir, ignore_errors=True)
-        result = train_genre_head(cache, architecture=settings["architecture"],
-                                  options=GenreTrainConfig(seed=seed, **settings["options"]), backbone=backbone,
-                                  progress=stages.verbose)
+        result = train_genre_head(cache, options={"seed": seed}, backbone=backbone, progress=stages.verbose)
         head = result.head
         head.save_pretrained(genre_dir)
         head = GenreHead.from_pretrained(genre_dir, identity=cache.identity)

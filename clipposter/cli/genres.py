@@ -7,11 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from clipposter.cli.common import (add_cache_flag, add_device_flag, add_head_flag, add_json_flag, emit, pretrained_arg,
-                                   warn)
+from clipposter.cli.common import (add_cache_flag, add_device_flag, add_head_flag, add_json_flag, emit, flag_for,
+                                   pretrained_arg, warn)
 from clipposter.errors import ClipposterError
+from clipposter.heads.genre.config import (SMALL_DATA_ARCHITECTURE, SMALL_DATA_OPTIONS, SMALL_DATA_POSTERS, DecoderConfig,
+                                           TrainConfig)
+
+EVALUATION_FILE = "evaluation.json"  # `evaluate genres` writes it (and its .svg chart) into the head folder
 
 
 # ====================================================================================== train ==
@@ -31,18 +36,35 @@ def _read_templates(path: str | None) -> list[str]:
     return templates
 
 
+# Flags of the small-data rule's settings are unset unless given, so that the rule fills the rest;
+# their help names the paper's defaults (the dataclasses' ones) beside the rule's values.
+PAPER_DEFAULTS = {f.name: f.default for f in (*fields(DecoderConfig), *fields(TrainConfig))
+                  if f.name in {**SMALL_DATA_ARCHITECTURE, **SMALL_DATA_OPTIONS}}
+
+
+def _small_data_line(args, small: dict) -> str:
+    """The settings the small-data rule chose, by the flags that set them."""
+    parser = args.command_parser
+    settings = {**small["architecture"], **small["options"]}
+    named = ", ".join(f"{flag_for(parser, k)} {v:g}" for k, v in settings.items())
+    return (f"small data ({small['train_posters']} training posters < {small['limit']}): {named}; pass "
+            f"--no-small-data or explicit flags to override")
+
+
 def cmd_train_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.heads.genre import TrainConfig, parse_genre_spec, parse_pos_weight, train_genre_head
+    from clipposter.heads.genre import parse_genre_spec, parse_pos_weight, train_genre_head
+    from clipposter.heads.genre.head import check_head_folder
 
-    options = TrainConfig(loss=args.loss, pos_weight=parse_pos_weight(args.pos_weight), focal_gamma=args.focal_gamma,
-                           asl_gamma_neg=args.asl_gamma_neg, asl_gamma_pos=args.asl_gamma_pos, asl_clip=args.asl_clip,
-                           lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                           lr_patience=args.lr_patience, weight_decay=args.weight_decay, seed=args.seed,
-                           threshold_mode=args.threshold_mode, probe_c=args.probe_c)
-    architecture = {"width": args.width, "mlp_hidden": args.mlp_hidden, "num_layers": args.num_layers,
-                    "num_heads": args.num_heads, "dropout": args.dropout, "num_groups": args.num_groups,
-                    "self_attention": args.self_attention, "memory": args.memory}
+    given = {k: getattr(args, k) for k in PAPER_DEFAULTS if hasattr(args, k)}
+    options = {"loss": args.loss, "pos_weight": parse_pos_weight(args.pos_weight), "focal_gamma": args.focal_gamma,
+               "asl_gamma_neg": args.asl_gamma_neg, "asl_gamma_pos": args.asl_gamma_pos, "asl_clip": args.asl_clip,
+               "lr_patience": args.lr_patience, "weight_decay": args.weight_decay, "seed": args.seed,
+               "threshold_mode": args.threshold_mode, "probe_c": args.probe_c,
+               **{k: v for k, v in given.items() if k in SMALL_DATA_OPTIONS}}
+    architecture = {"num_layers": args.num_layers, "num_groups": args.num_groups,
+                    "self_attention": args.self_attention, "memory": args.memory,
+                    **{k: v for k, v in given.items() if k in SMALL_DATA_ARCHITECTURE}}
     genres = parse_genre_spec(args.genres)
     templates = _read_templates(args.templates)
     if args.threads is not None:
@@ -51,11 +73,16 @@ def cmd_train_genres(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    replacing = check_head_folder(args.out, args.overwrite)  # before the training, not after it
     with EmbeddingCache.open(args.cache, mode="r") as cache:
         result = train_genre_head(cache, kind=args.kind, genres=genres, genres_from_data=args.genres_from_data,
                                   templates=templates, architecture=architecture, options=options,
+                                  small_data=getattr(args, "small_data", "auto"),
                                   pretrained=pretrained_arg(args.pretrained), device=args.device,
                                   progress=not args.json)
+        if replacing:  # the replaced head's evaluation describes another head
+            for name in (EVALUATION_FILE, Path(EVALUATION_FILE).with_suffix(".svg").name):
+                (Path(args.out) / name).unlink(missing_ok=True)
         out = result.head.save_pretrained(args.out)
     warn(result.warnings)
     payload = {**result.to_dict(), "out": str(out)}
@@ -67,6 +94,8 @@ def cmd_train_genres(args) -> int:
              + (f"; {sum(d.unlabelled.values())} without labels left out" if sum(d.unlabelled.values()) else "")
              + (f"; {sum(d.out_of_vocabulary.values())} out-of-vocabulary labels ignored"
                 if d.out_of_vocabulary else "")]
+    if result.small_data:
+        lines.append(_small_data_line(args, result.small_data))
     if result.history:
         last = result.history[-1]
         lines.append(f"trained {len(result.history)} epochs in {result.seconds:.1f} s (best epoch "
@@ -94,7 +123,7 @@ def cmd_evaluate_genres(args) -> int:
     with EmbeddingCache.open(args.cache, mode="r") as cache:
         report = evaluate_genres(head, cache, baselines=baselines, probe_c=args.probe_c, seed=args.seed,
                                  progress=not args.json)
-    out = Path(args.out) if args.out else Path(args.head) / "evaluation.json"
+    out = Path(args.out) if args.out else Path(args.head) / EVALUATION_FILE
     chart = Path(args.chart) if args.chart else out.with_suffix(".svg")
     report["chart"] = str(chart) if write_genre_f1_chart(report, chart) else None
     write_genre_evaluation(report, head.genres, out)
@@ -180,6 +209,12 @@ def cmd_predict(args) -> int:
 
 # =================================================================================== register ==
 
+def _default(what: str, field: str) -> str:
+    """Help text naming the paper's default and the small-data rule's value."""
+    small = {**SMALL_DATA_ARCHITECTURE, **SMALL_DATA_OPTIONS}[field]
+    return f"{what} (default: {PAPER_DEFAULTS[field]:g}; {small:g} on small data)"
+
+
 def register(sub, train, evaluate) -> None:
     """Add the genre commands to the top-level, `train` and `evaluate` subparsers."""
     p = train.add_parser("genres", help="train a genre head (ML-Decoder, linear probe or zero-shot) on a cache",
@@ -188,6 +223,7 @@ def register(sub, train, evaluate) -> None:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_cache_flag(p)
     p.add_argument("--out", metavar="DIR", required=True, help="folder for the trained head")
+    p.add_argument("--overwrite", action="store_true", help="replace a head already in --out")
     p.add_argument("--model", dest="kind", default="ml-decoder", choices=["ml-decoder", "linear-probe", "zero-shot"],
                    help="head kind: the ML-Decoder, or one of the baselines in the same format")
     g = p.add_argument_group("genres")
@@ -202,10 +238,12 @@ def register(sub, train, evaluate) -> None:
     a = p.add_argument_group("ML-Decoder architecture")
     # dests are the DecoderConfig fields, so that an error about `num_heads` names --heads
     a.add_argument("--layers", dest="num_layers", type=int, default=1)
-    a.add_argument("--width", type=int, default=768, help="decoder width")
-    a.add_argument("--mlp-hidden", type=int, default=512)
-    a.add_argument("--heads", dest="num_heads", type=int, default=8, help="attention heads (used with --memory tokens or --self-attention)")
-    a.add_argument("--dropout", type=float, default=0.7)
+    # The small-data rule's flags are unset unless given (argparse.SUPPRESS), so the rule fills the rest.
+    a.add_argument("--width", type=int, default=argparse.SUPPRESS, help=_default("decoder width", "width"))
+    a.add_argument("--mlp-hidden", type=int, default=argparse.SUPPRESS, help=_default("MLP width", "mlp_hidden"))
+    a.add_argument("--heads", dest="num_heads", type=int, default=argparse.SUPPRESS,
+                   help=_default("attention heads (used with --memory tokens or --self-attention)", "num_heads"))
+    a.add_argument("--dropout", type=float, default=argparse.SUPPRESS, help=_default("dropout", "dropout"))
     a.add_argument("--groups", dest="num_groups", type=int, default=None, help="group decoding: number of queries (default: one per genre)")
     a.add_argument("--self-attention", action="store_true", help="add self-attention among queries (ML-Decoder drops it)")
     a.add_argument("--memory", default="pooled", choices=["pooled", "tokens"],
@@ -219,10 +257,14 @@ def register(sub, train, evaluate) -> None:
     t.add_argument("--asl-gamma-neg", type=float, default=4.0)
     t.add_argument("--asl-gamma-pos", type=float, default=0.0)
     t.add_argument("--asl-clip", type=float, default=0.05)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better validation loss")
+    t.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=_default("learning rate", "lr"))
+    t.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=_default("batch size", "batch_size"))
+    t.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=_default("most epochs", "epochs"))
+    t.add_argument("--patience", type=int, default=argparse.SUPPRESS,
+                   help=_default("early stopping: epochs without a better validation loss", "patience"))
+    t.add_argument("--no-small-data", dest="small_data", action="store_false", default=argparse.SUPPRESS,
+                   help=f"keep the defaults above on fewer than {SMALL_DATA_POSTERS} labelled training posters "
+                        f"(otherwise the ML-Decoder trains with the small-data settings)")
     t.add_argument("--lr-patience", type=int, default=1, help="epochs without improvement before the lr is halved")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)

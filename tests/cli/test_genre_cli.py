@@ -250,3 +250,71 @@ def test_predict_bad_threshold_and_top_k(capsys, head_dir, synthetic_set):
     assert code == 2 and "--threshold must be calibrated, per-genre, global or a number" in err
     code, _, err = run(capsys, "predict", poster, "--head", head_dir, "--top-k", 0)
     assert code == 2 and "--top-k must be at least 1" in err
+
+
+# ================================================================ small data, overwrite, threads ==
+
+def test_train_on_few_posters_says_it_uses_the_small_data_settings(capsys, cache_dir, tmp_path):
+    code, stdout, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "h", "--epochs", 2)
+    assert code == 0, err
+    line = next(l for l in stdout.splitlines() if l.startswith("small data"))
+    n = json.loads((tmp_path / "h" / "config.json").read_text())["data"]["posters"]["train"]
+    assert line == (f"small data ({n} training posters < 5000): --width 64, --mlp-hidden 64, --heads 4, "
+                    f"--dropout 0.3, --lr 0.001, --batch-size 32, --patience 5; pass --no-small-data or explicit "
+                    f"flags to override")
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["architecture"]["width"] == 64 and cfg["training"]["lr"] == 1e-3 and cfg["training"]["epochs"] == 2
+    # Explicit flags win one by one; --no-small-data restores every default.
+    code, stdout, _ = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "w", "--epochs", 1,
+                          "--width", 32, "--lr", 0.01, "--json")
+    payload = json.loads(stdout)
+    assert code == 0 and payload["small_data"]["architecture"] == {"mlp_hidden": 64, "num_heads": 4, "dropout": 0.3}
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (cfg["architecture"]["width"], cfg["training"]["lr"], cfg["training"]["batch_size"]) == (32, 0.01, 32)
+    code, stdout, _ = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "p", "--epochs", 1,
+                          "--no-small-data")
+    assert code == 0 and "small data" not in stdout
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["architecture"]["width"], cfg["training"]["lr"], cfg["training"]["batch_size"]) == (768, 1e-4, 256)
+
+
+def test_train_refuses_to_replace_a_head_without_overwrite(capsys, cache_dir, tmp_path):
+    out = tmp_path / "h"
+    code, _, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", out, *SMALL)
+    assert code == 0, err
+    (out / "evaluation.json").write_text("{}")  # what `evaluate genres` wrote for this head
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, stdout, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", out, *SMALL, "--seed", 1)
+    assert code == 2 and stdout == ""
+    assert err.strip().splitlines() == [f"error: --overwrite is off, but {out} already holds a genre head; turn it "
+                                        f"on to replace it, or train into another out folder"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # With --overwrite the new head replaces it, and the old head's evaluation goes with it.
+    code, _, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", out, *SMALL, "--seed", 1,
+                       "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["training"]["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "genres.txt", "model.safetensors"]
+
+
+def test_train_into_a_file_is_a_one_line_error(capsys, cache_dir, tmp_path):
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    code, stdout, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", out, *SMALL)
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: --out {out} is a file; give a folder for the head"]
+
+
+def test_threads_flag_sets_torch_threads_and_rejects_zero(capsys, cache_dir, tmp_path, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, _, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "h", *SMALL,
+                       "--epochs", 1, "--threads", 3)
+    assert code == 0, err
+    assert calls == [3]
+    code, _, _ = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "h2", *SMALL, "--epochs", 1)
+    assert code == 0 and calls == [3]  # no flag: the thread count is left alone
+    code, _, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "h3", "--threads", 0)
+    assert code == 2 and err.strip().splitlines() == ["error: --threads must be at least 1, got 0"]

@@ -122,6 +122,49 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# The small-data rule. The defaults above are the seed paper's, for ~35K posters; on a few hundred
+# they stop at epoch 1 with a head that has barely moved. Below SMALL_DATA_POSTERS labelled training
+# posters an ML-Decoder trains with a small decoder, a larger learning rate and more, smaller steps
+# (docs/genres.md has the measurements). Settings given explicitly win, one by one.
+SMALL_DATA_POSTERS = 5_000
+SMALL_DATA_ARCHITECTURE = {"width": 64, "mlp_hidden": 64, "num_heads": 4, "dropout": 0.3}
+SMALL_DATA_OPTIONS = {"lr": 1e-3, "epochs": 40, "batch_size": 32, "patience": 5}
+
+
+def small_data_settings(train_posters: int, small_data: bool | str = "auto") -> dict | None:
+    """The small-data settings for `train_posters` labelled training posters, or None where the rule
+    does not apply: {"train_posters", "limit", "architecture", "options"}.
+
+    small_data: "auto" (below SMALL_DATA_POSTERS), True (always) or False (never).
+    """
+    if isinstance(small_data, str) and small_data.lower() == "auto":
+        applies = train_posters < SMALL_DATA_POSTERS
+    elif isinstance(small_data, bool):
+        applies = small_data
+    else:
+        raise ConfigError("small_data", f"must be auto, True or False, got {small_data!r}")
+    if not applies:
+        return None
+    return {"train_posters": int(train_posters), "limit": SMALL_DATA_POSTERS,
+            "architecture": dict(SMALL_DATA_ARCHITECTURE), "options": dict(SMALL_DATA_OPTIONS)}
+
+
+def train_config(options: "TrainConfig | Mapping | None", defaults: Mapping | None = None) -> TrainConfig:
+    """A validated TrainConfig: `options` itself, or its fields (a mapping) over `defaults` over the
+    TrainConfig defaults."""
+    if isinstance(options, TrainConfig):
+        options.validate()
+        return options
+    given = dict(options or {})
+    names = {f.name for f in fields(TrainConfig)}
+    for name in given:
+        if name not in names:
+            raise ConfigError(name, f"is not a training option (those are {', '.join(sorted(names))})")
+    config = TrainConfig(**{**dict(defaults or {}), **given})
+    config.validate()
+    return config
+
+
 def parse_pos_weight(value: str | float | None) -> str | float:
     """"none", "auto" or a positive number (given as a number or a string)."""
     if value is None:

@@ -54,6 +54,19 @@ class PredictResult:
     from_cache: int = 0
 
 
+def check_head_folder(directory: str | os.PathLike, overwrite: bool = False) -> bool:
+    """Refuse to train into `directory` when it already holds a genre head, unless `overwrite`
+    (the caption head's rule). Returns whether a head is there to be replaced."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file; give a folder for the head")
+    holds = any((out / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE))
+    if holds and not overwrite:
+        raise ConfigError("overwrite", f"is off, but {out} already holds a genre head; turn it on to replace it, or "
+                                       f"train into another out folder")
+    return holds
+
+
 class GenreHead:
     """A trained genre classifier over one backbone's embeddings, with its genres and thresholds.
 

@@ -1,9 +1,10 @@
 """Training the genre head: `fit_decoder` (the loop) and `train_genre_head` (a head of any kind from a
 cache, thresholds calibrated, returned as a `TrainResult`).
 
-Adam at 1e-4, learning rate halved when the validation loss stalls, early stopping on the validation
-loss (the best epoch's weights are kept), seeded. After training, per-genre and global thresholds
-are calibrated on the validation split and saved with the head.
+Adam at 1e-4 (1e-3 under the small-data rule of config.py), learning rate halved when the validation
+loss stalls, early stopping on the validation loss (the best epoch's weights are kept), seeded. After
+training, per-genre and global thresholds are calibrated on the validation split by the rule of
+`genre_calibrate_thresholds` and saved with the head.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import nn
 from clipposter.embedding.prompts import DEFAULT_TEMPLATES
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.genre.baselines import fit_linear_probe
-from clipposter.heads.genre.config import KINDS, DecoderConfig, TrainConfig
+from clipposter.heads.genre.config import KINDS, DecoderConfig, TrainConfig, small_data_settings, train_config
 from clipposter.heads.genre.data import GenreData, genre_text_embeddings, load_genre_data
 from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.metrics import (CALIBRATION_MIN_SUPPORT, CALIBRATION_SHRINKAGE, genre_calibrate_thresholds,
@@ -133,6 +134,7 @@ class TrainResult:
     history: list[EpochLog]
     seconds: float
     warnings: list[str]
+    small_data: dict | None = None  # the small-data settings applied (see config.small_data_settings)
 
     @property
     def best_epoch(self) -> int | None:
@@ -145,6 +147,7 @@ class TrainResult:
                 "epochs_run": len(self.history), "best_epoch": self.best_epoch,
                 "history": [e.to_dict() for e in self.history], "seconds": round(self.seconds, 3),
                 "thresholds": self.head.thresholds, "metrics": self.head.metrics, "warnings": self.warnings,
+                "small_data": self.small_data,
                 "backbone": self.head.identity.to_dict()}
 
 
@@ -173,19 +176,23 @@ def _calibration_warnings(calibrated: dict, genres: Sequence[str], validation_po
 
 def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] | None = None,
                      genres_from_data: bool = False, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                     architecture: Mapping | None = None, options: TrainConfig | None = None,
-                     backbone=None, pretrained: str | None = None, device: str = "auto",
-                     progress: bool = True) -> TrainResult:
+                     architecture: Mapping | None = None, options: TrainConfig | Mapping | None = None,
+                     small_data: bool | str = "auto", backbone=None, pretrained: str | None = None,
+                     device: str = "auto", progress: bool = True) -> TrainResult:
     """Train a genre head of `kind` on the cache's train split, calibrate its thresholds on the
     validation split, and return it (unsaved) with the data summary and the epoch history.
 
     architecture: DecoderConfig fields to override (width, mlp_hidden, num_layers, num_heads,
-    dropout, num_groups, self_attention, memory). Prompts missing from the cache are encoded with
-    `backbone` (or the cache's backbone, loaded from its spec; `pretrained` overrides its path).
+    dropout, num_groups, self_attention, memory). options: a TrainConfig (every training option),
+    or a mapping of TrainConfig fields to override. small_data: "auto" gives an ML-Decoder trained
+    on fewer than SMALL_DATA_POSTERS labelled posters the small-data settings (config.py) for every
+    field not set in `architecture` or `options`; True always, False never. Prompts missing from the
+    cache are encoded with `backbone` (or the cache's backbone, loaded from its spec; `pretrained`
+    overrides its path).
     """
     started = time.perf_counter()
-    options = options or TrainConfig()
-    options.validate()
+    train_config(options)  # bad settings are refused before any data is read
+    small_data_settings(0, small_data)
     if kind not in KINDS:
         raise ConfigError("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     architecture = dict(architecture or {})
@@ -206,6 +213,17 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
         raise ClipposterError(f"the cache {cache.root} has no labelled validation posters; training needs them for "
                               f"early stopping and threshold calibration — embed more posters or give a split column")
     warnings = data.warnings()
+    applied = None
+    small = small_data_settings(len(train.ids), small_data) if kind == "ml-decoder" else None
+    if small is not None:
+        given = {} if isinstance(options, TrainConfig) else dict(options or {})
+        applied = {**small, "architecture": {k: v for k, v in small["architecture"].items() if k not in architecture},
+                   "options": ({} if isinstance(options, TrainConfig)
+                               else {k: v for k, v in small["options"].items() if k not in given})}
+        architecture = {**applied["architecture"], **architecture}
+        if not applied["architecture"] and not applied["options"]:
+            applied = None  # every setting of the rule was given explicitly
+    options = train_config(options, applied["options"] if applied else None)
     genre_text = genre_text_embeddings(cache, data.genres, templates, backbone, pretrained, device)
     history: list[EpochLog] = []
     with torch.random.fork_rng(devices=[]):
@@ -230,7 +248,8 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
             config = {"embed_dim": cache.dim, "num_genres": len(data.genres), "logit_scale": module.logit_scale}
     head = GenreHead(kind, data.genres, module, identity=cache.identity, backbone_spec=cache.backbone_spec,
                      templates=templates, genre_text=genre_text, config=config,
-                     training={**options.to_dict(), "cache": str(cache.root)}, data=data.summary())
+                     training={**options.to_dict(), "cache": str(cache.root), "small_data": applied is not None},
+                     data=data.summary())
     calibrated = genre_calibrate_thresholds(val.labels, head.predict_proba(val.embeddings),
                                             train_frequency=train.labels.mean(0))
     head.thresholds = {"mode": options.threshold_mode,
@@ -246,5 +265,5 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
         head.metrics["epochs_run"] = len(history)
         head.metrics["best_epoch"] = min(history, key=lambda e: e.val_loss).epoch
     return TrainResult(head=head, data=data, history=history, seconds=time.perf_counter() - started,
-                       warnings=warnings)
+                       warnings=warnings, small_data=applied)
 

@@ -505,7 +505,9 @@ def report_identity(report):
 
 
 def test_default_configuration_runs(poster_cache, tiny_backbone):
-    result = train_genre_head(poster_cache, backbone=tiny_backbone, progress=False)
+    # The paper's defaults (324 training posters would get the small-data settings, which have their
+    # own tests in test_small_data.py).
+    result = train_genre_head(poster_cache, small_data=False, backbone=tiny_backbone, progress=False)
     cfg = result.head.config
     assert (cfg["width"], cfg["mlp_hidden"], cfg["num_layers"], cfg["dropout"]) == (768, 512, 1, 0.7)
     assert cfg["num_groups"] == len(result.head.genres)
