@@ -201,7 +201,8 @@ def _open(url: str, opts: _Options, end: float):
     try:
         return opts.opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        reason, wait = f"HTTP {exc.code} {exc.reason}", _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+        reason = f"HTTP {exc.code} {exc.reason}"
+        wait = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
         exc.close()
         if exc.code >= 500 or exc.code == 429:
             raise _Retryable(reason, wait) from None
