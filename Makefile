@@ -59,8 +59,10 @@ MUTANTS ?= 'clipposter.heads.genre.head.xǁGenreHeadǁpredict__mutmut_*' 'clippo
 	'clipposter.heads.genre.metrics.x_genre_predictions*' 'clipposter.heads.genre.metrics.x_genre_prf*' 'clipposter.heads.genre.metrics.x_genre_average_precision*' \
 	'clipposter.heads.genre.metrics.x__best_f1_threshold*' 'clipposter.heads.genre.metrics.x_genre_calibrate_thresholds*' \
 	'clipposter.heads.caption.decoding.x_postprocess*' 'clipposter.heads.caption.decoding.xǁWordScheduledTopNǁ__call__*' \
-	'clipposter.embedding.cache.xǁ_Matrixǁrepair*' 'clipposter.embedding.cache.xǁ_Matrixǁappend*' 'clipposter.embedding.cache.xǁ_Matrixǁset_header*' \
-	'clipposter.embedding.cache.xǁEmbeddingCacheǁadd_posters*' 'clipposter.embedding.cache.xǁEmbeddingCacheǁtext_embeddings*' \
+	'clipposter.embedding.cache_matrix.xǁMatrixǁcheck*' 'clipposter.embedding.cache_matrix.xǁMatrixǁrepair*' \
+	'clipposter.embedding.cache_matrix.xǁMatrixǁappend*' 'clipposter.embedding.cache_matrix.xǁMatrixǁset_header*' \
+	'clipposter.embedding.cache.xǁEmbeddingCacheǁ_commit*' 'clipposter.embedding.cache.xǁEmbeddingCacheǁadd_posters*' \
+	'clipposter.embedding.cache.xǁEmbeddingCacheǁtext_embeddings*' \
 	'clipposter.ingest.sources.x__is_missing*' 'clipposter.ingest.sources.x__text*' 'clipposter.ingest.sources.x__id_text*' \
 	'clipposter.ingest.sources.x__genres*' 'clipposter.ingest.sources.x__stem_of*' 'clipposter.ingest.sources.x__is_url*' \
 	'clipposter.ingest.sources.x__find_column*' 'clipposter.ingest.sources.x_normalise_split*' 'clipposter.ingest.sources.x_imdb_id*' \
