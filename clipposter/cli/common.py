@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from clipposter.errors import ClipposterError
 
 EXIT_ERROR = 2
+
+# clipposter.ingest.images.DEFAULT_MAX_BYTES, spelled out so that building the parser imports no image
+# library (a test checks that the two agree).
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 # The decoding strategies of clipposter.heads.caption.decoding.STRATEGIES, spelled out here so that
 # parsing arguments does not import torch (a test checks that the two lists agree).
@@ -71,15 +76,27 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help="autocast precision on GPU (auto: fp16 on CUDA, fp32 on CPU)")
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
+def add_source_args(p: argparse.ArgumentParser, *, reads_posters: bool = True) -> None:
+    """The flags of a command taking a SOURCE; `reads_posters` adds those of one that reads the poster
+    files (`embed`): --image-root, --seed, --download-dir and --max-bytes."""
     g = p.add_argument_group("source")
     for col, default in [("id", "id"), ("image", "image"), ("genres", "genres"), ("tagline", "tagline"),
                          ("overview", "overview"), ("split", "split"), ("title", "title"), ("url", "url")]:
         g.add_argument(f"--{col}-col", default=None, help=f"manifest column with the {col} (default: {default})")
+    g.add_argument("--encoding", default=None,
+                   help="text encoding of a CSV/TSV source, e.g. cp1252 (default: detected; UTF-8, UTF-16 with a "
+                        "byte-order mark, cp1252 or Latin-1, with a note when it is not UTF-8)")
+    g.add_argument("--join", default=None, choices=["left", "inner"],
+                   help="kaggle:DIR: keep every labelled poster (left, the default) or only those with a row in "
+                        "movies_metadata.csv (inner)")
+    if not reads_posters:
+        return
     g.add_argument("--image-root", default=None, help="folder that relative image paths in a manifest start from")
     g.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split (default 0)")
     g.add_argument("--download-dir", default=None,
                    help="download posters that only have a URL into this folder before embedding")
+    g.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="largest poster file read, in bytes; larger ones are skipped (default 50 MB)")
 
 
 # ------------------------------------------------------------------------------ from arguments
@@ -107,18 +124,30 @@ def backbone_from_args(args):
                          precision=args.precision)
 
 
-def load_records(args):
-    """The records of args.source (with the --*-col options), downloading URL-only posters with --download-dir."""
-    from clipposter.ingest.sources import SourceStats, load_source
+def load_records(args, stats=None, *, local_images: bool = True):
+    """The records of args.source (with the source flags), downloading URL-only posters with --download-dir.
 
+    What the reader decided is printed as `note:` lines, what it left out as `warning:` lines, on
+    stderr; `stats` (a SourceStats) receives the counts, for --json. With `local_images`, a source
+    where no poster has an image file is an error that says where to get them, raised before any
+    cache is touched. --max-pixels and --max-bytes are checked here first for the same reason.
+    """
+    from clipposter.ingest.images import check_limits
+    from clipposter.ingest.sources import SourceStats, load_source, require_local_images
+
+    check_limits(max_pixels=getattr(args, "max_pixels", None), max_bytes=getattr(args, "max_bytes", None))
     options = {k: v for k, v in vars(args).items() if k.endswith("_col") and v is not None}
-    if args.image_root:
-        options["image_root"] = args.image_root
-    stats = SourceStats()
-    records = load_source(args.source, seed=args.seed, stats=stats, **options)
+    for name in ("image_root", "encoding", "join"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
+    stats = stats if stats is not None else SourceStats()
+    records = load_source(args.source, seed=getattr(args, "seed", 0), stats=stats, **options)
+    parser = getattr(args, "command_parser", None)
+    say("note", stats.notes, parser)
+    warn([name_flags(line, parser) for line in stats.warnings])
     if stats.rows_skipped:
-        print(f"warning: {args.source}: {stats.summary()}", file=sys.stderr)
-    if args.download_dir:
+        warn([f"{args.source}: {stats.summary()}"])
+    if getattr(args, "download_dir", None):
         from clipposter.ingest.download import download_posters
 
         report = download_posters([r for r in records if not r.image and r.url], args.download_dir,
@@ -127,7 +156,16 @@ def load_records(args):
             report.write_failures(Path(args.download_dir) / "failures.csv")
             print(f"warning: {len(report.failed)} posters could not be downloaded; "
                   f"see {Path(args.download_dir) / 'failures.csv'}", file=sys.stderr)
+    if local_images:
+        require_local_images(records, args.source)
     return records
+
+
+def say(kind: str, lines, parser: argparse.ArgumentParser | None = None) -> None:
+    """Print each line as `kind: line` on stderr, with the parameters it names in backticks as the flags
+    of `parser`."""
+    for line in lines:
+        print(f"{kind}: {name_flags(line, parser)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- library errors → flags
@@ -144,6 +182,16 @@ def flag_for(parser: argparse.ArgumentParser, field: str) -> str:
             return max(longs or action.option_strings, key=len)
         return action.metavar or action.dest.upper()
     return "--" + field.replace("_", "-")
+
+
+def name_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Library messages name a parameter in backticks (`max_pixels`); where `parser` has a flag for it,
+    the flag (--max-pixels) replaces it."""
+    if parser is None:
+        return message
+    dests = {a.dest for a in parser._actions}
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_for(parser, m.group(1)) if m.group(1) in dests
+                  else m.group(0), message)
 
 
 def open_analyzer(args, what: str, pretrained: str | None = None):

@@ -11,10 +11,10 @@ from clipposter.errors import ClipposterError
 def cmd_embed(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
+    from clipposter.ingest.sources import SourceStats
 
-    records = load_records(args)
-    if not records:
-        raise ClipposterError(f"{args.source}: no posters found; check the path and the manifest columns")
+    source = SourceStats()
+    records = load_records(args, source)  # every error about the source comes before the cache is made
     if EmbeddingCache.exists(args.cache):
         # The backbone the cache was made with, loaded only if some poster or text is new.
         cache = EmbeddingCache.open(args.cache)
@@ -23,13 +23,14 @@ def cmd_embed(args) -> int:
         backbone = backbone_from_args(args)
         cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
     summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
-                            strict=args.strict, max_pixels=args.max_pixels, progress=not args.json)
+                            strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                            progress=not args.json)
     texts = 0
     if not args.no_texts:
         texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
     info = cache.info()
     cache.close()  # a closed cache rests in a state readers open without writing
-    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict()}
+    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict(), "source": source.to_dict()}
     lines = [summary_line(summary),
              f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
              f"cache {info.path}: {info.posters} posters, {info.records} records, {info.texts} texts"]
@@ -114,9 +115,10 @@ def cmd_synth(args) -> int:
 
 def cmd_download(args) -> int:
     from clipposter.ingest.download import download_posters
-    from clipposter.ingest.sources import load_source
+    from clipposter.ingest.sources import SourceStats
 
-    records = [r for r in load_source(args.source, seed=0) if r.url]
+    source = SourceStats()
+    records = [r for r in load_records(args, source, local_images=False) if r.url]
     if not records:
         raise ClipposterError(f"{args.source}: no poster URLs to download (no url column, or every url is empty)")
     limits = {k: getattr(args, k) for k in ("deadline", "max_bytes", "max_pixels") if getattr(args, k) is not None}
@@ -127,8 +129,9 @@ def cmd_download(args) -> int:
         report.write_failures(failures)
     else:
         failures.unlink(missing_ok=True)  # the report of an earlier run no longer describes the folder
-    emit(args, report.to_dict(), f"{report.downloaded} downloaded, {report.skipped_existing} already present, "
-                                 f"{len(report.failed)} failed" + (f" (see {failures})" if report.failed else ""))
+    emit(args, {**report.to_dict(), "source": source.to_dict()},
+         f"{report.downloaded} downloaded, {report.skipped_existing} already present, "
+         f"{len(report.failed)} failed" + (f" (see {failures})" if report.failed else ""))
     if report.failed:
         had = report.downloaded + report.skipped_existing
         if not had:  # nothing to work with: a script must notice
@@ -181,6 +184,7 @@ def register(sub) -> None:
                                    "exits 0 with a warning when some posters failed, and exits 2 when no poster "
                                    "could be had.")
     p.add_argument("source", metavar="SOURCE", help="manifest or MovieGenre.csv with poster URLs")
+    add_source_args(p, reads_posters=False)
     p.add_argument("--out", metavar="DIR", required=True,
                    help="folder for the posters (resumes: present files are skipped)")
     p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
