@@ -109,11 +109,13 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
 
-def _counts(db: sqlite3.Connection) -> tuple[int, int]:
-    """Committed posters and texts (0 for an index that has no tables yet)."""
+def _counts(db: sqlite3.Connection) -> tuple[int, int] | None:
+    """Committed posters and texts; None for an index whose tables were never made (a writer killed
+    right after creating the file)."""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] if t in tables else 0  # type: ignore
-                 for t in ("posters", "texts"))
+    if not {"posters", "texts"} <= tables:
+        return None
+    return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("posters", "texts"))  # type: ignore
 
 
 @dataclass
@@ -168,7 +170,13 @@ class EmbeddingCache:
         else:
             # What a reader can see is refused before the lock is taken, so a refusal changes no file.
             self._check(repair=False).close()
-            with directory_lock(root):
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(directory_lock(root))
+                except OSError as exc:
+                    raise ClipposterError(f"cannot write into {root} ({exc.strerror or exc}): adding to a cache "
+                                          f"needs a writable folder; commands that only read work on it as it "
+                                          f"is") from None
                 self._check(repair=True)
                 self._db = self._connect_writer()
 
@@ -192,6 +200,9 @@ class EmbeddingCache:
                 except BaseException:
                     db.close()
                     raise
+            if counts is None:
+                db.close()
+                db, counts = None, (0, 0)
         else:
             counts = (0, 0)
         try:

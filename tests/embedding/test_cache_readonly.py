@@ -314,3 +314,34 @@ def test_read_only_commands_refuse_a_damaged_cache_in_one_line(embedded, tmp_pat
         assert err.startswith("error: index.sqlite is missing or older than images.npy: ") and err.count("\n") == 1
         assert f"images.npy holds 120 rows, the index {expected};" in err
         assert snapshot(copy) == before, argv
+
+
+@pytest.mark.parametrize("mode", ["r", "a"])
+def test_an_index_a_writer_never_gave_tables_opens_as_empty(tmp_path, mode):
+    """A writer killed between creating index.sqlite and its tables: nothing was committed."""
+    root = tmp_path / "c"
+    EmbeddingCache.open(root, ident()).close()
+    (root / "index.sqlite").unlink()
+    sqlite3.connect(root / "index.sqlite").close()  # an empty database file
+    with EmbeddingCache.open(root, mode=mode) as c:
+        assert c.num_posters == 0 and c.records() == [] and c.text_embeddings([]).shape == (0, 4)
+        if mode == "a":
+            assert c.add_posters(["a"], unit(1)) == 1
+
+
+def test_adding_to_a_cache_in_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import clipposter.embedding.cache as cache_module
+
+    root = build(tmp_path / "c")
+
+    def refused(folder):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder / ".lock"))
+
+    monkeypatch.setattr(cache_module, "directory_lock", refused)
+    with pytest.raises(ClipposterError, match=rf"^cannot write into {root} \(Permission denied\): adding to a cache "
+                                              r"needs a writable folder; commands that only read work on it as it is$"):
+        EmbeddingCache.open(root, ident())
+    with EmbeddingCache.open(root, mode="r") as c:
+        assert c.num_posters == 3
