@@ -14,11 +14,10 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 
 from clipposter.cli import app, backbone, captions, demo, embed, genres, report, search
-from clipposter.cli.common import EXIT_ERROR, flag_for
+from clipposter.cli.common import EXIT_ERROR, flag_for, name_flags
 from clipposter.errors import ClipposterError, ConfigError
 
 # 128 + SIGPIPE, what a shell reports for a command whose reader went away (`clipposter ... | head`).
@@ -58,16 +57,6 @@ def leaf_parsers(parser: argparse.ArgumentParser):
 def config_error_line(exc: ConfigError, parser: argparse.ArgumentParser | None) -> str:
     flag = flag_for(parser, exc.field) if parser is not None else "--" + exc.field.replace("_", "-")
     return f"error: {flag} {name_flags(exc.problem, parser)}"
-
-
-def name_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
-    """Library messages name a parameter in backticks (`max_pixels`); where the invoked command has a
-    flag for it, the CLI prints the flag (--max-pixels) instead."""
-    if parser is None:
-        return message
-    dests = {a.dest for a in parser._actions}
-    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_for(parser, m.group(1)) if m.group(1) in dests
-                  else m.group(0), message)
 
 
 def _quiet_broken_pipe() -> int:
