@@ -318,3 +318,27 @@ def test_threads_flag_sets_torch_threads_and_rejects_zero(capsys, cache_dir, tmp
     assert code == 0 and calls == [3]  # no flag: the thread count is left alone
     code, _, err = run(capsys, "train", "genres", "--cache", cache_dir, "--out", tmp_path / "h3", "--threads", 0)
     assert code == 2 and err.strip().splitlines() == ["error: --threads must be at least 1, got 0"]
+
+
+def test_predict_with_a_head_holding_nan_weights_is_a_one_line_error(capsys, head_dir, synthetic_set, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "head"
+    shutil.copytree(head_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    name = next(k for k in sorted(state) if state[k].is_floating_point() and k != "head.genre_text")
+    state[name] = torch_full_nan(state[name])
+    save_file(state, str(broken / "model.safetensors"))
+    code, stdout, err = run(capsys, "predict", synthetic_set[1][0].image, "--head", broken)
+    assert code == 2 and stdout == ""
+    n = state[name].numel()
+    assert err.strip().splitlines() == [f"error: {broken / 'model.safetensors'}: tensor {name} holds NaN ({n} of {n} "
+                                        f"values); the file is damaged or the training diverged: retrain the head"]
+
+
+def torch_full_nan(t):
+    import torch
+
+    return torch.full_like(t, float("nan"))

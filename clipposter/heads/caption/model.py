@@ -40,6 +40,7 @@ from clipposter.records import clean_text
 from clipposter.heads.caption.config import DEFAULT_LM, MAPPERS, MODES, TARGETS, DecodingConfig, one_of
 from clipposter.heads.caption.decoding import generate_kwargs, postprocess, word_start_table
 from clipposter.heads.caption.lm import first_line, load_language_model, max_positions, quiet_transformers
+from clipposter.heads.weights import check_finite
 
 __all__ = ["FORMAT_VERSION", "HEAD_KIND", "CONFIG_FILE", "MAPPER_FILE", "LM_DIR", "MLPMapper", "TransformerMapper",
            "CaptionHeadConfig", "Caption", "CaptionHead", "read_head_config", "write_head_json"]
@@ -420,6 +421,7 @@ class CaptionHead(nn.Module):
         head = cls(cfg, lm, tok, identity, meta.get("backbone_spec"))
         try:
             state = load_file(str(path / MAPPER_FILE))
+            check_finite(state, path / MAPPER_FILE)
             head.mapper.load_state_dict(state)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise ClipposterError(f"{path / MAPPER_FILE}: does not fit the mapper described in config.json "

@@ -5,7 +5,8 @@ A head wraps one torch module of `clipposter.heads.genre.model` (the ML-Decoder 
 saved head is a folder: config.json (architecture, training settings, genres, prompt templates,
 thresholds, backbone identity and spec, metrics), model.safetensors, genres.txt. No pickles.
 `save_pretrained(dir)` writes it, each file written then renamed; `from_pretrained(dir)` reads it
-back, refusing a head of another backbone when given the one in use.
+back, refusing a head of another backbone when given the one in use, and weights holding NaN or
+infinite values.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from clipposter.files import atomic_path, atomic_write_text, read_json, write_js
 from clipposter.heads.genre.config import KINDS
 from clipposter.heads.genre.metrics import genre_predictions
 from clipposter.heads.genre.model import INFER_BATCH, build_module
+from clipposter.heads.weights import check_finite
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, GENRES_FILE = "config.json", "model.safetensors", "genres.txt"
@@ -269,6 +271,7 @@ class GenreHead:
         except (OSError, SafetensorError) as exc:
             raise ClipposterError(f"{root / WEIGHTS_FILE}: cannot read the head's weights ({exc}); "
                                   f"retrain the head") from None
+        check_finite(state, root / WEIGHTS_FILE)
         genre_text = state.pop("head.genre_text", None)
         genre_text_np = None if genre_text is None else genre_text.numpy()
         module = build_module(kind, cfg.get("architecture", {}), genre_text_np)
