@@ -69,7 +69,7 @@ class SourceStats:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     join: dict[str, Any] | None = None
-    _more: int = field(default=0, repr=False)
+    _more: int = field(default=0, init=False, repr=False)
 
     def skip(self, reason: str, count: int = 1) -> None:
         if count <= 0:
