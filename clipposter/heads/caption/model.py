@@ -418,6 +418,7 @@ class CaptionHead(nn.Module):
         except ConfigError as exc:  # the saved LM is part of the head: no setting to change, the folder is bad
             raise ClipposterError(f"{path / LM_DIR}: {exc.problem}; the head folder is incomplete, retrain or copy "
                                   f"it again") from None
+        _check_lm_files(path / LM_DIR)
         head = cls(cfg, lm, tok, identity, meta.get("backbone_spec"))
         try:
             state = load_file(str(path / MAPPER_FILE))
@@ -432,6 +433,17 @@ class CaptionHead(nn.Module):
     # The short names, kept for callers written before the save_pretrained/from_pretrained convention.
     save = save_pretrained
     load = from_pretrained
+
+
+def _check_lm_files(folder: Path) -> None:
+    """Refuse a saved LM holding NaN or infinite weights, naming its file and tensor. The files are
+    read one tensor at a time: a sharded LM is never held twice in memory."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                check_finite({name: f.get_tensor(name)}, file)
 
 
 def read_head_config(path: Path) -> dict:
