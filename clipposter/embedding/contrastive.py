@@ -407,8 +407,6 @@ def synthetic_backbone(posters: int = SYNTHETIC_POSTERS, seed: int = SYNTHETIC_S
 
     The cache key holds the poster count, the seed, the settings and RECIPE_VERSION; the folder is
     written atomically, and a lock keeps two processes from training the same key at once."""
-    from clipposter.ingest.synthetic import generate_posters
-
     config = (config or ContrastiveConfig()).check()
     if posters < 2:
         raise ConfigError("posters", f"must be at least 2, got {posters}")
@@ -421,6 +419,8 @@ def synthetic_backbone(posters: int = SYNTHETIC_POSTERS, seed: int = SYNTHETIC_S
         trained = not _current(folder)
         if trained:
             def build(tmp: Path) -> None:
+                from clipposter.ingest.synthetic import generate_posters
+
                 with tempfile.TemporaryDirectory(dir=root, prefix=".posters-") as scratch:
                     records = generate_posters(scratch, n=posters, seed=seed, progress=progress)
                     for r in records:
