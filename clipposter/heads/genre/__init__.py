@@ -1,7 +1,8 @@
 """The genre head: an ML-Decoder over cached CLIP embeddings whose queries are genre prompts, its
 baselines (zero-shot CLIP, linear probe, constant) and its metrics.
 
-    config     DecoderConfig, TrainConfig (fields only; validate() raises ConfigError naming the field)
+    config     DecoderConfig, TrainConfig (fields only; validate() raises ConfigError naming the field),
+               small_data_settings (the small-data rule)
     model      MLDecoder, the losses, the linear-probe and zero-shot modules
     head       GenreHead: predict, thresholds, save_pretrained / from_pretrained
     data       parse_genre_spec, load_genre_data → GenreData
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from clipposter.heads.genre.config import (BASELINES, KINDS, LOSSES, MEMORY_MODES, THRESHOLD_MODES, DecoderConfig,
-                                           TrainConfig, parse_pos_weight)
+from clipposter.heads.genre.config import (BASELINES, KINDS, LOSSES, MEMORY_MODES, SMALL_DATA_POSTERS, THRESHOLD_MODES,
+                                           DecoderConfig, TrainConfig, parse_pos_weight, small_data_settings)
 from clipposter.lazy import lazy_exports
 
-_LIGHT = ["BASELINES", "KINDS", "LOSSES", "MEMORY_MODES", "THRESHOLD_MODES", "DecoderConfig", "TrainConfig",
-          "parse_pos_weight"]
+_LIGHT = ["BASELINES", "KINDS", "LOSSES", "MEMORY_MODES", "SMALL_DATA_POSTERS", "THRESHOLD_MODES", "DecoderConfig",
+          "TrainConfig", "parse_pos_weight", "small_data_settings"]
 _lazy, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("MLDecoder", "LinearProbe", "ZeroShotClassifier", "genre_loss", "build_module"),
     "head": ("GenreHead", "PosterPrediction", "PredictResult"),
