@@ -130,6 +130,69 @@ def _skip(summary: EmbedSummary, path: str, reason: str, strict: bool) -> None:
     log.warning("skipped %s", reason)
 
 
+@dataclass
+class EmbedPlan:
+    """What the hashing pass found: the posters the cache lacks (`pending`, content hash → its records,
+    the first record's file to be encoded) and the counts so far. Every engine encodes `todo` its own
+    way and reports each poster through `fail` or `store`, so the counts mean the same for all."""
+
+    summary: EmbedSummary
+    pending: dict[str, list[PosterRecord]]
+    strict: bool = False
+
+    @property
+    def todo(self) -> list[tuple[str, str]]:
+        """(content hash, path) of every new poster, one per distinct content."""
+        return [(h, recs[0].image) for h, recs in self.pending.items()]
+
+    def fail(self, content_hash: str, path: str, reason: str) -> None:
+        """The poster of `content_hash` could not be decoded: every record showing it is skipped."""
+        recs = self.pending[content_hash]
+        for _ in recs:
+            _skip(self.summary, path, reason, self.strict)
+        self.summary.cached -= len(recs) - 1
+
+    def store(self, cache: EmbeddingCache, hashes: Sequence[str], embeddings: np.ndarray) -> None:
+        """Commit the embeddings of new posters with all their records, in one append."""
+        cache.add_posters(hashes, embeddings, [(r, h) for h in hashes for r in self.pending[h]])
+        self.summary.encoded += len(hashes)
+
+
+def plan_embedding(records: Sequence[PosterRecord], cache: EmbeddingCache, *, workers: int | None = None,
+                   strict: bool = False, max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = True) -> EmbedPlan:
+    """The first pass of `embed`: read and hash every poster file, skip the unusable ones, refresh the
+    records of posters the cache holds, and collect the new ones, each distinct content once."""
+    summary = EmbedSummary(records=len(records))
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ClipposterError(f"poster id {dup!r} appears more than once in the source; ids must be unique")
+
+    # File reads and hashing are I/O-bound: more threads than decode workers.
+    hash_threads = max(2, workers if workers is not None else min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=hash_threads) as pool:
+        hashed = list(tqdm(pool.map(lambda r: _hash_file(r, max_bytes), records), total=len(records),
+                           desc="hashing", unit="poster", disable=not progress, leave=False))
+    usable: list[tuple[PosterRecord, str]] = []
+    for rec, h, err in hashed:
+        if err is not None:
+            _skip(summary, rec.image or rec.id, err, strict)
+        else:
+            usable.append((rec, h))
+    known = cache.known_hashes(h for _, h in usable)
+
+    # Records whose poster is cached get their metadata refreshed now; the rest wait for their rows.
+    ready = [(r, h) for r, h in usable if h in known]
+    if ready:
+        cache.upsert_records(ready)
+    pending: dict[str, list[PosterRecord]] = {}
+    for rec, h in usable:
+        if h not in known:
+            pending.setdefault(h, []).append(rec)
+    summary.cached = len(ready) + sum(len(v) - 1 for v in pending.values())
+    return EmbedPlan(summary, pending, strict)
+
+
 BackboneSource = Union["Backbone", Callable[[], "Backbone"], None]
 
 
@@ -170,38 +233,12 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
     get_backbone = _LazyBackbone(backbone, cache)
     started = time.perf_counter()
-    summary = EmbedSummary(records=len(records))
-
-    ids = [r.id for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ClipposterError(f"poster id {dup!r} appears more than once in the source; ids must be unique")
-
-    # Pass 1: content hashes. File reads and hashing are I/O-bound: more threads than decode workers.
-    hash_threads = max(2, workers if workers is not None else min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=hash_threads) as pool:
-        hashed = list(tqdm(pool.map(lambda r: _hash_file(r, max_bytes), records), total=len(records),
-                           desc="hashing", unit="poster", disable=not progress, leave=False))
-    usable: list[tuple[PosterRecord, str]] = []
-    for rec, h, err in hashed:
-        if err is not None:
-            _skip(summary, rec.image or rec.id, err, strict)
-        else:
-            usable.append((rec, h))
-    known = cache.known_hashes(h for _, h in usable)
-
-    # Records whose poster is cached get their metadata refreshed now; the rest wait for their rows.
-    ready = [(r, h) for r, h in usable if h in known]
-    if ready:
-        cache.upsert_records(ready)
-    pending: dict[str, list[PosterRecord]] = {}
-    for rec, h in usable:
-        if h not in known:
-            pending.setdefault(h, []).append(rec)
-    summary.cached = len(ready) + sum(len(v) - 1 for v in pending.values())
+    # Pass 1: content hashes; what the cache holds costs nothing more.
+    plan = plan_embedding(records, cache, workers=workers, strict=strict, max_bytes=max_bytes, progress=progress)
+    summary = plan.summary
 
     # Pass 2: decode ahead of the model, encode in batches, commit each batch.
-    todo = [(h, recs[0].image) for h, recs in pending.items()]
+    todo = plan.todo
     if not todo:  # everything cached (or unusable): no model to load, nothing to encode
         summary.seconds = time.perf_counter() - started
         return summary
@@ -215,17 +252,13 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
 
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
         emb = model.encode_image_tensors(torch.stack([t for _, t in batch]))
-        hashes = [h for h, _ in batch]
-        cache.add_posters(hashes, emb, [(r, h) for h in hashes for r in pending[h]])
-        summary.encoded += len(batch)
+        plan.store(cache, [h for h, _ in batch], emb)
         bar.update(len(batch))  # the bar's rate is posters/s
 
     batch: list[tuple[str, torch.Tensor]] = []
     for h, path, result in _decoded(todo, load, workers, batch_size):
         if isinstance(result, PosterError):
-            for _ in pending[h]:
-                _skip(summary, path, str(result), strict)
-            summary.cached -= len(pending[h]) - 1
+            plan.fail(h, path, str(result))
             continue
         batch.append((h, result))
         if len(batch) == batch_size:
