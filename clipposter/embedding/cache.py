@@ -448,6 +448,16 @@ class EmbeddingCache:
         """All poster embeddings, (N, D), memory-mapped in the stored dtype; row order = insertion."""
         return self._images.read(self.num_posters)
 
+    def iter_embeddings(self, chunk_rows: int = 65_536, start: int = 0,
+                        stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows in the stored dtype) for rows start..stop, `chunk_rows` at a time. Each chunk is
+        copied out of a map released before the next, so a scan keeps one chunk resident, not the file."""
+        stop = self.num_posters if stop is None else stop
+        for s in range(start, stop, max(1, int(chunk_rows))):
+            mapped = self._images.read(stop)
+            yield s, np.array(mapped[s:min(stop, s + int(chunk_rows))])
+            del mapped
+
     # ----- lookups (by content hash and by poster id) ----------------------------------------------
     def row_for_hash(self, content_hash: str) -> int | None:
         """The embedding row of a poster's content hash, or None when the cache lacks that content."""
