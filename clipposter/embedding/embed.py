@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding.gpu_decode import TensorDecoder, TensorPreprocess, check_decode, use_tensor_decoder
 from clipposter.errors import ClipposterError, ConfigError, PosterError
 from clipposter.ingest.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, content_hash, load_poster, read_bytes
 from clipposter.records import PosterRecord
@@ -46,6 +47,8 @@ class EmbedSummary:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0  # the whole run: hashing, loading the backbone (when needed), encoding
     encode_seconds: float = 0.0  # decoding and encoding the new posters (the backbone already loaded)
+    decode: str = "cpu"  # where JPEGs were decoded: "cpu" (Pillow) or "gpu" (gpu_decode.py)
+    decode_fallbacks: int = 0  # with "gpu": posters decoded by the CPU path instead (not a plain JPEG, …)
 
     @property
     def posters_per_second(self) -> float | None:
@@ -57,6 +60,7 @@ class EmbedSummary:
         return {"records": self.records, "encoded": self.encoded, "cached": self.cached,
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "posters_per_second": None if rate is None else round(rate, 2),
+                "decode": self.decode, "decode_fallbacks": self.decode_fallbacks,
                 "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
 
@@ -224,13 +228,16 @@ class _LazyBackbone:
 def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: BackboneSource, *,
                   batch_size: int = 64, workers: int | None = None, strict: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                  progress: bool = True) -> EmbedSummary:
+                  progress: bool = True, decode: str = "cpu") -> EmbedSummary:
     """Encode the posters of `records` that the cache lacks and store every usable record.
 
     backbone: a Backbone, or a function returning one, called only when some poster is new (so a
-    rerun over cached posters loads no model)."""
+    rerun over cached posters loads no model). decode: "cpu" (Pillow, in `workers` threads), "gpu"
+    (JPEGs decoded in batches on the backbone's CUDA device, the rest on the CPU; gpu_decode.py) or
+    "auto" (the GPU when the backbone runs on one)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
+    check_decode(decode)
     get_backbone = _LazyBackbone(backbone, cache)
     started = time.perf_counter()
     # Pass 1: content hashes; what the cache holds costs nothing more.
@@ -247,6 +254,11 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     model = get_backbone()
     workers = default_workers(model) if workers is None else max(0, workers)
     load = make_loader(model, max_pixels, max_bytes)
+    decoder, decoded = None, _decoded(todo, load, workers, batch_size)
+    if use_tensor_decoder(decode, model.identity, model.device):
+        decoder = TensorDecoder(TensorPreprocess(model.identity, model.device), load, max_pixels=max_pixels,
+                                max_bytes=max_bytes)
+        decoded, summary.decode = decoder.decoded(todo, workers, batch_size), "gpu"
     encode_started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
@@ -256,7 +268,7 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         bar.update(len(batch))  # the bar's rate is posters/s
 
     batch: list[tuple[str, torch.Tensor]] = []
-    for h, path, result in _decoded(todo, load, workers, batch_size):
+    for h, path, result in decoded:
         if isinstance(result, PosterError):
             plan.fail(h, path, str(result))
             continue
@@ -267,6 +279,7 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     if batch:
         flush(batch)
     bar.close()
+    summary.decode_fallbacks = decoder.stats.fallback if decoder is not None else 0
     summary.encode_seconds = time.perf_counter() - encode_started
     summary.seconds = time.perf_counter() - started
     return summary
