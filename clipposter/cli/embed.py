@@ -11,8 +11,10 @@ from clipposter.errors import ClipposterError
 def cmd_embed(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
+    from clipposter.embedding.gpu_decode import check_decode
     from clipposter.ingest.sources import SourceStats
 
+    check_decode(args.decode)  # `--decode gpu` without CUDA fails before any file is read
     source = SourceStats()
     records = load_records(args, source)  # every error about the source comes before the cache is made
     if EmbeddingCache.exists(args.cache):
@@ -24,7 +26,7 @@ def cmd_embed(args) -> int:
         cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
     summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
                             strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                            progress=not args.json)
+                            progress=not args.json, decode=args.decode)
     texts = 0
     if not args.no_texts:
         texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
@@ -154,6 +156,10 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="decode threads running ahead of the model (default: 2 on CPU, up to 8 on GPU; 0 decodes "
                         "inline, faster on a CPU other jobs share)")
+    p.add_argument("--decode", default="cpu", choices=["cpu", "gpu", "auto"],
+                   help="where JPEGs are decoded: cpu (Pillow, the default), gpu (in batches on the CUDA device, "
+                        "the rest on the CPU; embeddings close to, not equal to, cpu's) or auto (gpu when the "
+                        "backbone runs on one)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding type")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per poster")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable poster")
