@@ -26,26 +26,24 @@ active (no -wal file).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from clipposter.embedding.cache_matrix import Matrix, write_failure
+from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
 from clipposter.embedding.identity import BackboneIdentity
+from clipposter.embedding.shards import FORMAT_VERSION as SHARDED_VERSION, ShardedCache
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import directory_lock, write_json
 from clipposter.records import PosterRecord
 
 FORMAT_VERSION = 1
-DTYPES = {"float16": np.float16, "float32": np.float32}
-MODES = ("r", "a")
 # The most rows one append writes before committing them: the most a killed run can leave uncommitted,
 # and so the most an open may cut.
 APPEND_ROWS = 4096
@@ -63,10 +61,6 @@ CREATE INDEX IF NOT EXISTS records_hash ON records(hash);
 CREATE INDEX IF NOT EXISTS records_split ON records(split);
 CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, row INTEGER UNIQUE NOT NULL, text TEXT NOT NULL);
 """
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _sqlite_code(exc: sqlite3.Error) -> int | None:
@@ -116,30 +110,6 @@ def _counts(db: sqlite3.Connection) -> tuple[int, int] | None:
     if not {"posters", "texts"} <= tables:
         return None
     return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("posters", "texts"))  # type: ignore
-
-
-@dataclass
-class CacheInfo:
-    path: str
-    backbone: dict
-    dtype: str
-    dim: int
-    posters: int
-    records: int
-    texts: int
-    splits: dict
-    bytes_on_disk: int
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class RecordSummary(NamedTuple):
-    """What a search result shows of a poster record: its labelled genres, title and image path."""
-
-    genres: list[str]
-    title: str | None
-    image: str | None
 
 
 class EmbeddingCache:
@@ -242,8 +212,10 @@ class EmbeddingCache:
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | os.PathLike, identity: BackboneIdentity | None = None,
-             dtype: str = "float16", backbone_spec: dict | None = None, *, mode: str = "a") -> "EmbeddingCache":
-        """Open (with `mode="a"` and an identity: create) the cache in `root`.
+             dtype: str = "float16", backbone_spec: dict | None = None, *,
+             mode: str = "a") -> "EmbeddingCache | ShardedCache":
+        """Open (with `mode="a"` and an identity: create) the cache in `root`. A sharded cache (format 2,
+        see shards.py) opens as a ShardedCache, which has the same methods.
 
         mode: "a" to add posters and texts (repairs what a killed writer left), "r" to read only (writes
         nothing; texts it lacks are encoded but not stored)."""
@@ -260,11 +232,13 @@ class EmbeddingCache:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ClipposterError(f"{meta_path}: unreadable cache description ({exc}); "
                                       f"point `cache` at a clipposter cache directory") from None
-            if meta.get("format_version") != FORMAT_VERSION:
+            if meta.get("format_version") not in (FORMAT_VERSION, SHARDED_VERSION):
                 raise ClipposterError(f"{meta_path}: cache format {meta.get('format_version')} is not "
-                                      f"{FORMAT_VERSION}; re-embed into a new `cache` directory")
+                                      f"{FORMAT_VERSION} or {SHARDED_VERSION}; re-embed into a new `cache` directory")
             if identity is not None:
                 identity.check_same(stored, f"the cache {root}")
+            if meta["format_version"] == SHARDED_VERSION:
+                return ShardedCache(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
             return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
         present = [name for name in _FILES if (root / name).exists()]
         if present:  # the backbone of these embeddings is unknown: never let another one adopt them
@@ -447,6 +421,25 @@ class EmbeddingCache:
     def image_matrix(self) -> np.ndarray:
         """All poster embeddings, (N, D), memory-mapped in the stored dtype; row order = insertion."""
         return self._images.read(self.num_posters)
+
+    def poster_hashes(self) -> list[str]:
+        """The content hash of every row of `image_matrix()`, in row order."""
+        return [h for (h,) in self._fetch("SELECT hash FROM posters ORDER BY row")]
+
+    def records_with_hashes(self) -> list[tuple[PosterRecord, str]]:
+        """Every record with its poster's content hash, in id order."""
+        rows = self._fetch("SELECT id, image, genres, tagline, overview, split, title, url, hash FROM records "
+                           "ORDER BY id")
+        return [(PosterRecord(id=i, image=im, genres=json.loads(g), tagline=t, overview=o, split=s, title=ti,
+                              url=u), h) for i, im, g, t, o, s, ti, u, h in rows]
+
+    def text_items(self) -> list[tuple[str, str]]:
+        """(hash, text) of every stored text row, in row order."""
+        return [(h, t) for h, t in self._fetch("SELECT hash, text FROM texts ORDER BY row")]
+
+    def text_matrix(self) -> np.ndarray:
+        """All text embeddings, (M, D), memory-mapped in the stored dtype."""
+        return self._texts.read(self.num_texts)
 
     def iter_embeddings(self, chunk_rows: int = 65_536, start: int = 0,
                         stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

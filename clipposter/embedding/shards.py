@@ -1,0 +1,409 @@
+"""The sharded cache (format 2): the same reading and adding API as the v1 cache, over write-once shards.
+
+Opening reads the shard index once and maps every listed shard (see shard_files.py for the files):
+the poster, record and text tables of all shards become three in-memory maps, so a lookup by poster
+id, split or content hash touches no file, and an embedding is one read of a memory-mapped row.
+What a reader sees is the set of shards listed when it opened (a snapshot); a writer sees its own
+additions at once.
+
+Rows are numbered across shards in index order: shard 0's rows first, then shard 1's. A content hash
+in two shards (two writers that embedded the same poster at once) keeps its first row; a poster id in
+two shards keeps its last record, as an upsert would. Every add writes one new shard, so `embed` into
+a sharded cache leaves one shard per batch; `clipposter cache compact` rewrites them as one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from clipposter.embedding import shard_files as sf
+from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
+from clipposter.embedding.identity import BackboneIdentity
+from clipposter.errors import ClipposterError, ConfigError
+from clipposter.files import write_json
+from clipposter.records import PosterRecord
+
+FORMAT_VERSION = sf.FORMAT_VERSION
+# Texts encoded for a read-only cache are not stored; a writable one stores them in shards of this many.
+TEXT_ROWS = 4096
+_OPEN_TRIES = 5
+
+
+def create_meta(root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None) -> None:
+    """Write a new sharded cache's description (cache.json): the cache exists from here on, empty."""
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
+            "backbone_spec": backbone_spec}
+    try:
+        write_json(root / "cache.json", meta)
+    except OSError as exc:
+        raise ClipposterError(f"cannot write {root / 'cache.json'}: {exc.strerror or exc} (nothing was "
+                              f"created)") from None
+
+
+def _gather(parts: Sequence[np.ndarray], starts: np.ndarray, rows: np.ndarray, shape: tuple,
+            dtype) -> np.ndarray:
+    """Rows (global numbers) of the concatenation of `parts` (starting at `starts`), without concatenating."""
+    out = np.empty((len(rows), *shape), dtype)
+    if len(parts) == 1:
+        out[:] = parts[0][rows]
+        return out
+    which = np.searchsorted(starts, rows, side="right") - 1
+    for s in np.unique(which):
+        mask = which == s
+        out[mask] = parts[s][rows[mask] - starts[s]]
+    return out
+
+
+class ShardedCache:
+    """Image and text embeddings of one backbone in write-once shards, keyed by content, with records.
+
+    Open through `EmbeddingCache.open` (which picks the format from cache.json) or directly with
+    `ShardedCache(root, identity, dtype, backbone_spec, mode=...)` on a folder whose cache.json exists.
+    """
+
+    format_version = FORMAT_VERSION
+
+    def __init__(self, root: str | os.PathLike, identity: BackboneIdentity, dtype: str,
+                 backbone_spec: dict | None = None, mode: str = "a"):
+        if mode not in MODES:
+            raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
+        self.root = Path(root)
+        self.identity, self.dtype, self.backbone_spec, self.mode = identity, dtype, backbone_spec, mode
+        self.dim = identity.embed_dim
+        self._np_dtype = np.dtype(DTYPES[dtype])
+        if self.writable:
+            sf.remove_unlisted(self.root)  # what a killed writer left (a live writer's shard is kept)
+        self._load()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, mode: str = "a") -> "ShardedCache":
+        """Open the sharded cache in `root` with the backbone its cache.json records."""
+        root = Path(root)
+        try:
+            meta = json.loads((root / "cache.json").read_text())
+            identity = BackboneIdentity.from_dict(meta["backbone"])
+        except FileNotFoundError:
+            raise ClipposterError(f"{root}: no clipposter cache here (no cache.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ClipposterError(f"{root / 'cache.json'}: unreadable cache description ({exc})") from None
+        if not sf.is_sharded(meta):
+            raise ClipposterError(f"{root}: cache format {meta.get('format_version')} is not sharded; convert it "
+                                  f"with `clipposter cache migrate --cache {root}`")
+        return cls(root, identity, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+
+    @property
+    def writable(self) -> bool:
+        return self.mode != "r"
+
+    def close(self) -> None:
+        self._shards = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----- loading -------------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Read the index and every shard it lists; a shard removed by a compaction that committed in
+        between means reading the new index."""
+        for _ in range(_OPEN_TRIES):
+            try:
+                entries = sf.read_index(self.root)
+                shards = [sf.load_shard(self.root, e, self.dim, self._np_dtype) for e in entries]
+                break
+            except sf.ShardMissing as exc:
+                missing = str(exc)
+        else:
+            raise ClipposterError(f"shard {missing} listed in {self.root / sf.INDEX} is missing; restore it from "
+                                  f"where the cache came from")
+        self._shards: list[sf.ShardData] = []
+        self._poster_row: dict[str, int] = {}
+        self._text_row: dict[str, int] = {}
+        self._records: dict[str, tuple] = {}  # id → (hash, image, genres, tagline, overview, split, title, url)
+        self._poster_starts: list[int] = []
+        self._text_starts: list[int] = []
+        self._rows = self._texts = 0
+        self._matrix: np.ndarray | None = None
+        self._sorted_ids: list[str] | None = None
+        for shard in shards:
+            self._add_shard(shard)
+
+    def _add_shard(self, shard: sf.ShardData) -> None:
+        self._shards.append(shard)
+        self._poster_starts.append(self._rows)
+        self._text_starts.append(self._texts)
+        for n, h in enumerate(shard.poster_hashes):
+            self._poster_row.setdefault(h, self._rows + n)
+        for n, h in enumerate(shard.text_hashes):
+            self._text_row.setdefault(h, self._texts + n)
+        cols = shard.records
+        self._records.update(zip(cols["id"], zip(*(cols[c] for c in sf.RECORD_COLUMNS[1:]))))
+        self._rows += shard.entry.posters
+        self._texts += shard.entry.texts
+        self._matrix = None
+        self._sorted_ids = None
+
+    def _append(self, **content) -> None:
+        """Write and list one shard, then take it (and any listed since by other writers) in."""
+        sf.append_shard(self.root, self.dim, self._np_dtype, **content)
+        entries = sf.read_index(self.root)
+        names = [s.entry.name for s in self._shards]
+        if [e.name for e in entries[:len(names)]] != names:  # compacted meanwhile
+            self._load()
+            return
+        for entry in entries[len(names):]:
+            try:
+                self._add_shard(sf.load_shard(self.root, entry, self.dim, self._np_dtype))
+            except sf.ShardMissing:
+                self._load()
+                return
+
+    def _require_writable(self, what: str) -> None:
+        if not self.writable:
+            raise ClipposterError(f"the cache {self.root} is open read-only; open it with `mode` \"a\" to {what}")
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [s.entry.name for s in self._shards]
+
+    @property
+    def shard_entries(self) -> list[sf.ShardEntry]:
+        """The index entries of the shards this cache read, in order."""
+        return [s.entry for s in self._shards]
+
+    # ----- counts --------------------------------------------------------------------------------
+    @property
+    def num_posters(self) -> int:
+        return len(self._poster_row)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self._text_row)
+
+    @property
+    def num_records(self) -> int:
+        return len(self._records)
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        return (Path(root) / "cache.json").is_file()
+
+    # ----- posters -------------------------------------------------------------------------------
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        return {h for h in hashes if h in self._poster_row}
+
+    def add_posters(self, hashes: Sequence[str], embeddings: np.ndarray,
+                    records: Sequence[tuple[PosterRecord, str]] = (), tokens: np.ndarray | None = None) -> int:
+        """Write one shard of the posters whose content hash is new (each once) and of `records`.
+        `tokens`: optional (len(hashes), T, W) token sequences, kept for the new posters. Returns rows added."""
+        if len(hashes) != len(embeddings) or (tokens is not None and len(tokens) != len(hashes)):
+            raise ValueError("one embedding (and token sequence) per hash")
+        self._require_writable("add posters")
+        seen: set[str] = set()
+        keep = [i for i, h in enumerate(hashes) if h not in self._poster_row and not (h in seen or seen.add(h))]
+        if not keep and not records:
+            return 0
+        emb = np.asarray(embeddings)
+        self._append(poster_hashes=[hashes[i] for i in keep],
+                     images=np.ascontiguousarray(emb[keep] if keep else np.zeros((0, self.dim)), self._np_dtype),
+                     tokens=None if tokens is None else np.ascontiguousarray(np.asarray(tokens)[keep],
+                                                                             self._np_dtype),
+                     records=self._record_rows(records))
+        return len(keep)
+
+    def upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
+        """Store or refresh the metadata of posters (a shard of records only)."""
+        self._require_writable("store records")
+        if records:
+            self._append(records=self._record_rows(records))
+
+    @staticmethod
+    def _record_rows(records: Sequence[tuple[PosterRecord, str]]) -> list[tuple]:
+        latest = {r.id: (r.id, h, r.image, list(r.genres), r.tagline, r.overview, r.split, r.title, r.url)
+                  for r, h in records}
+        return list(latest.values())
+
+    def records(self, split: str | None = None) -> list[PosterRecord]:
+        """Records, in id order, optionally of one split."""
+        out = []
+        for pid in self._ids():
+            h, im, g, t, o, s, ti, u = self._records[pid]
+            if split is None or s == split:
+                out.append(PosterRecord(id=pid, image=im, genres=list(g), tagline=t, overview=o, split=s,
+                                        title=ti, url=u))
+        return out
+
+    def records_with_hashes(self) -> list[tuple[PosterRecord, str]]:
+        """Every record with its poster's content hash, in id order."""
+        return [(r, self._records[r.id][0]) for r in self.records()]
+
+    def _ids(self) -> list[str]:
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self._records)
+        return self._sorted_ids
+
+    def image_matrix(self) -> np.ndarray:
+        """Every stored poster row, (rows, D), in the stored dtype: the shard's memory map when there is
+        one shard, else a copy of their rows one after another."""
+        if self._matrix is None:
+            parts = [s.images for s in self._shards if len(s.images)]
+            if not parts:
+                self._matrix = np.zeros((0, self.dim), self._np_dtype)
+            else:
+                self._matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._matrix
+
+    def poster_hashes(self) -> list[str]:
+        """The content hash of every stored row, in row order (a hash stored twice: its later row too)."""
+        return [h for s in self._shards for h in s.poster_hashes]
+
+    # ----- lookups -------------------------------------------------------------------------------
+    def row_for_hash(self, content_hash: str) -> int | None:
+        return self._poster_row.get(content_hash)
+
+    def rows_for_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
+        return {h: self._poster_row[h] for h in hashes if h in self._poster_row}
+
+    def id_rows(self, ids: Sequence[str] | None = None, *, below: int | None = None) -> dict[str, int]:
+        """Row of each poster id whose poster is stored, in id order (of `ids`, or of every record),
+        optionally only rows under `below`."""
+        order = self._ids() if ids is None else sorted(set(ids))
+        out = {}
+        for pid in order:
+            rec = self._records.get(pid)
+            row = None if rec is None else self._poster_row.get(rec[0])
+            if row is not None and (below is None or row < below):
+                out[pid] = row
+        return out
+
+    def record_summaries(self, ids: Sequence[str]) -> dict[str, RecordSummary]:
+        out = {}
+        for pid in ids:
+            rec = self._records.get(pid)
+            if rec is not None:
+                out[pid] = RecordSummary(list(rec[2]), rec[6], rec[1])
+        return out
+
+    def labelled_genres(self) -> dict[str, list[str]]:
+        return {pid: list(rec[2]) for pid, rec in self._records.items()}
+
+    def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
+        """Rows of the given poster ids; an unknown id is a clear error."""
+        rows = np.empty(len(ids), np.int64)
+        missing = []
+        for n, pid in enumerate(ids):
+            rec = self._records.get(pid)
+            row = None if rec is None else self._poster_row.get(rec[0])
+            if row is None:
+                missing.append(pid)
+            else:
+                rows[n] = row
+        if missing:
+            raise ClipposterError(f"poster id {missing[0]!r} is not in the cache {self.root} "
+                                  f"({len(missing)} missing); embed it first")
+        return rows
+
+    def embeddings_for_rows(self, rows: Sequence[int], dtype=np.float32) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self._rows):
+            raise IndexError(f"row out of range for a cache of {self._rows} rows")
+        return _gather([s.images for s in self._shards], np.asarray(self._poster_starts), rows, (self.dim,), dtype)
+
+    def embeddings_for_ids(self, ids: Sequence[str], dtype=np.float32) -> np.ndarray:
+        return self.embeddings_for_rows(self.rows_for_ids(ids), dtype)
+
+    def embedding_for_hash(self, content_hash: str) -> np.ndarray | None:
+        row = self.row_for_hash(content_hash)
+        return None if row is None else self.embeddings_for_rows([row])[0]
+
+    # ----- tokens --------------------------------------------------------------------------------
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        """(T, W) when every shard holding posters stores their token sequences, else None."""
+        shapes = {s.entry.tokens for s in self._shards if s.entry.posters}
+        return shapes.pop() if len(shapes) == 1 and None not in shapes else None
+
+    @property
+    def has_some_tokens(self) -> bool:
+        return any(s.entry.tokens for s in self._shards)
+
+    def tokens_for_ids(self, ids: Sequence[str]) -> np.ndarray:
+        """Token sequences of the given poster ids, (len(ids), T, W), in the stored dtype."""
+        return self.tokens_for_rows(self.rows_for_ids(ids))
+
+    def tokens_for_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Token sequences of the given rows, (len(rows), T, W), in the stored dtype."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        shape = self.token_shape
+        if shape is None:
+            raise ClipposterError(f"the cache {self.root} does not store token sequences for all its posters; "
+                                  f"embed them with tokens into a new cache")
+        return _gather([s.tokens for s in self._shards], np.asarray(self._poster_starts), rows, shape,
+                       self._np_dtype)
+
+    # ----- texts ---------------------------------------------------------------------------------
+    def text_embeddings(self, texts: Sequence[str], backbone=None, batch_size: int = 256) -> np.ndarray:
+        """Embeddings of texts; missing ones are encoded with `backbone` (which must match the cache) and
+        stored in shards of TEXT_ROWS (a read-only cache returns them unstored). float32 (len(texts), D)."""
+        keys = [text_hash(t) for t in texts]
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
+        missing = sorted({k: t for k, t in zip(keys, texts) if k not in self._text_row}.items())
+        fresh: dict[str, np.ndarray] = {}
+        if missing:
+            if backbone is None:
+                raise ClipposterError(f"{len(missing)} texts are not in the cache {self.root}; "
+                                      f"pass a backbone to encode them")
+            self.identity.check_same(backbone.identity, f"the cache {self.root}")
+            for s in range(0, len(missing), TEXT_ROWS):
+                step = missing[s:s + TEXT_ROWS]
+                new = np.asarray(np.asarray(backbone.encode_texts([t for _, t in step], batch_size=batch_size)),
+                                 self._np_dtype)
+                if not self.writable:
+                    fresh.update((k, v) for (k, _), v in zip(step, new))
+                    continue
+                todo = [n for n, (k, _) in enumerate(step) if k not in self._text_row]
+                self._append(text_hashes=[step[n][0] for n in todo], texts=[step[n][1] for n in todo],
+                             text_emb=np.ascontiguousarray(new[todo]))
+        out = np.empty((len(keys), self.dim), np.float32)
+        stored = [n for n, k in enumerate(keys) if k in self._text_row]
+        if stored:
+            rows = np.asarray([self._text_row[keys[n]] for n in stored], np.int64)
+            out[stored] = _gather([s.texts for s in self._shards], np.asarray(self._text_starts), rows,
+                                  (self.dim,), np.float32)
+        for n, k in enumerate(keys):
+            if k not in self._text_row:
+                out[n] = fresh[k]
+        return out
+
+    def missing_texts(self, texts: Iterable[str]) -> list[str]:
+        uniq = list(dict.fromkeys(texts))
+        return [t for t in uniq if text_hash(t) not in self._text_row]
+
+    def text_items(self) -> list[tuple[str, str]]:
+        """(hash, text) of every stored text row, in row order."""
+        return [(h, t) for s in self._shards for h, t in zip(s.text_hashes, s.text_values)]
+
+    def text_matrix(self) -> np.ndarray:
+        """Every stored text row, (rows, D), in the stored dtype."""
+        parts = [s.texts for s in self._shards]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), self._np_dtype)
+
+    # ----- summary -------------------------------------------------------------------------------
+    def info(self) -> CacheInfo:
+        splits: dict[str, int] = {}
+        for rec in self._records.values():
+            key = rec[5] if rec[5] is not None else "none"
+            splits[key] = splits.get(key, 0) + 1
+        return CacheInfo(path=str(self.root), backbone=self.identity.to_dict(), dtype=self.dtype, dim=self.dim,
+                         posters=self.num_posters, records=self.num_records, texts=self.num_texts,
+                         splits=dict(sorted(splits.items())), bytes_on_disk=sf.shard_bytes(self.root))
