@@ -102,7 +102,7 @@ def test_demo_cli_offline_says_so_and_prints_the_report(tmp_path, monkeypatch, c
     assert cli.main(["demo", "--out", str(out), "-n", "80", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
     notes = [line for line in printed.splitlines() if line.startswith("note: ")]
-    trained = "clipposter-tiny, a tiny CLIP trained on 500 synthetic posters, not CLIP's weights"
+    trained = "clipposter-tiny, a tiny CLIP trained on 400 synthetic posters, not CLIP's weights"
     assert len(notes) == 1 and trained in notes[0] and "HF_HUB_OFFLINE" in notes[0]
     report = out / "report.html"
     assert printed.strip().splitlines()[-1] == f"report: {report}"

@@ -18,8 +18,9 @@ def register(sub, train, evaluate) -> None:
                        description="Generate synthetic posters (or read --source), embed them, train the genre and "
                                    "caption heads briefly, evaluate both beside their baselines, build the poster "
                                    "index and write an HTML report; prints the report's path. Uses ViT-B-32/openai "
-                                   "and gpt2 when their weights can be had, else the tiny random backbone and a tiny "
-                                   "GPT-2 (and says so). Rerunning reuses finished stages.")
+                                   "and gpt2 when their weights can be had, else a tiny CLIP trained once on synthetic "
+                                   "posters (cached; docs/backbone.md) and a tiny GPT-2 (and says so). Rerunning "
+                                   "reuses finished stages.")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("-n", type=int, default=600, help="number of synthetic posters (default 600)")
     p.add_argument("--source", default=None,
