@@ -62,7 +62,7 @@ class DecodeStats:
     """Where the posters of one run were decoded."""
 
     tensor: int = 0  # decoded and preprocessed on the device
-    fallback: int = 0  # decoded by the CPU path instead (not a JPEG this path takes, or its decode failed)
+    fallback: int = 0  # handed to the CPU path instead (not a JPEG this path takes, or its decode failed)
     reasons: Counter = field(default_factory=Counter)  # why, per fallback
 
     def to_dict(self) -> dict:
