@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipposter.cli import cache as cache_commands
 from clipposter.cli.common import (add_backbone_args, add_cache_flag, add_json_flag, add_source_args, backbone_from_args,
                                    emit, load_records, pretrained_value, warn)
 from clipposter.errors import ClipposterError
@@ -14,6 +15,7 @@ def cmd_embed(args) -> int:
     from clipposter.embedding.gpu_decode import check_decode
     from clipposter.ingest.sources import SourceStats
 
+    check_engine_flags(args)
     check_decode(args.decode)  # `--decode gpu` without CUDA fails before any file is read
     source = SourceStats()
     records = load_records(args, source)  # every error about the source comes before the cache is made
@@ -24,9 +26,18 @@ def cmd_embed(args) -> int:
     else:
         backbone = backbone_from_args(args)
         cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
-    summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
-                            strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                            progress=not args.json, decode=args.decode)
+    if args.engine == "ray":
+        from clipposter.embedding.ray_engine import embed_records_ray
+
+        summary = embed_records_ray(records, cache, pretrained=ray_pretrained(args), address=args.address,
+                                    concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
+                                    batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                    strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                                    progress=not args.json)
+    else:
+        summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
+                                strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                                progress=not args.json, decode=args.decode)
     texts = 0
     if not args.no_texts:
         texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
@@ -40,6 +51,24 @@ def cmd_embed(args) -> int:
     if summary.skipped and summary.skipped == summary.records:
         raise ClipposterError(f"{args.source}: none of the {summary.records} posters could be used")
     return 0
+
+
+def ray_pretrained(args) -> str | None:
+    """The checkpoint the Ray engine's workers load instead of the one the cache records: --pretrained
+    when it names a file (a checkpoint that moved), else None."""
+    value = pretrained_value(args.pretrained) if args.pretrained is not None else None
+    return value if value and Path(value).is_file() else None
+
+
+def check_engine_flags(args) -> None:
+    """Flags of one engine given with the other: one line, before any work."""
+    if args.engine == "ray" and args.decode != "cpu":
+        raise ClipposterError("--decode applies to --engine local only (the Ray engine decodes in CPU tasks)")
+    if args.engine != "ray":
+        for flag, value in (("--address", args.address), ("--concurrency", args.concurrency),
+                            ("--gpus-per-worker", args.gpus_per_worker)):
+            if value is not None:
+                raise ClipposterError(f"{flag} applies to --engine ray only")
 
 
 def cache_backbone(cache, args):
@@ -161,6 +190,16 @@ def register(sub) -> None:
                         "the rest on the CPU; embeddings close to, not equal to, cpu's) or auto (gpu when the "
                         "backbone runs on one)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding type")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: decode in Ray tasks and encode in a pool of Ray "
+                        "actors, one cache append per block (pip install 'clipposter[scale]')")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to run on (ray://HOST:10001, HOST:6379 or auto; default: a local Ray)")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="encoder actors (default: one per GPU, else one per two CPUs of the cluster)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each encoder actor holds (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit per poster")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable poster")
     p.add_argument("--no-texts", action="store_true",
@@ -174,6 +213,7 @@ def register(sub) -> None:
     add_cache_flag(q)
     add_json_flag(q)
     q.set_defaults(func=cmd_cache_info)
+    cache_commands.register(csub)
 
     p = sub.add_parser("synth", help="generate genre-conditioned synthetic posters with a manifest")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder (posters/ and manifest.csv)")

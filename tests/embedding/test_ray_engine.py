@@ -1,0 +1,220 @@
+"""The Ray engine of `embed` against the local engine: the same embeddings (cosine >= 0.999 for every
+poster), the same counts, the same skipped files, also after the Ray job was SIGKILLed and rerun.
+
+One local Ray (2 CPUs, a small object store) serves the whole module; the kill test's subprocess
+joins it as a second driver."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from clipposter.embedding import ray_engine
+from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding.embed import embed_records, make_loader
+from clipposter.embedding.ray_engine import decode_batch, embed_records_ray
+from clipposter.errors import ClipposterError, PosterError
+from clipposter.ingest.sources import from_folder
+from clipposter.ingest.synthetic import generate_posters
+from clipposter.records import PosterRecord
+from helpers import run_cli, tiny_args
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for the module: 2 CPUs, a 200 MB object store, its files under a temporary folder."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp = tempfile.mkdtemp(prefix="cpray")  # short: Ray's socket paths must fit in 107 characters
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, _temp_dir=temp,
+             log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def forbid_ray(monkeypatch):
+    def refuse(address):
+        raise AssertionError("a Ray job was started although nothing needed encoding")
+
+    monkeypatch.setattr(ray_engine, "_start_ray", refuse)
+
+
+def copies(records):
+    return [PosterRecord.from_dict(r.to_dict()) for r in records]
+
+
+@pytest.fixture
+def messy_folder(tmp_path, synthetic_set):
+    """30 posters, one poster twice under another name, and three files that are not usable posters."""
+    _, records = synthetic_set
+    root = tmp_path / "posters"
+    root.mkdir()
+    for r in records[:30]:
+        shutil.copy(r.image, root / (r.id + ".jpg"))
+    shutil.copy(records[0].image, root / "same-as-first.jpg")
+    good = (root / "syn-00000.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is not an image")
+    return root
+
+
+def by_id(cache, ids):
+    return cache.embeddings_for_ids(ids)
+
+
+def assert_same_cache(a: EmbeddingCache, b: EmbeddingCache):
+    """Same records, same distinct posters, and embeddings of every record within cosine 0.999."""
+    ids = sorted(r.id for r in a.records())
+    assert ids == sorted(r.id for r in b.records())
+    assert (a.num_posters, a.num_records) == (b.num_posters, b.num_records)
+    cos = np.sum(by_id(a, ids) * by_id(b, ids), axis=1)
+    assert cos.min() >= 0.999, dict(zip(ids, cos))
+
+
+def skipped(summary):
+    return sorted((os.path.basename(p), r.replace(os.path.dirname(p), "")) for p, r in summary.skipped_files)
+
+
+def test_decode_tasks_preprocess_as_the_backbone_does(tiny_backbone, messy_folder):
+    """The decode tasks rebuild the preprocessing from the identity alone: the same pixels, to the bit,
+    as the local engine's loader, and the same reason for a file that is not a poster."""
+    paths = [str(messy_folder / "syn-00003.jpg"), str(messy_folder / "notes.jpg"), str(messy_folder / "syn-00007.jpg")]
+    out = decode_batch({"hash": np.array(["a", "b", "c"]), "path": np.array(paths)},
+                       identity=tiny_backbone.identity.to_dict(), max_pixels=10**8, max_bytes=10**8)
+    load = make_loader(tiny_backbone)
+    for i in (0, 2):
+        np.testing.assert_array_equal(out["pixels"][i], load(paths[i]).numpy())
+    with pytest.raises(PosterError) as caught:
+        load(paths[1])
+    assert list(out["error"]) == ["", str(caught.value), ""]
+    assert not out["pixels"][1].any()
+
+
+@pytest.mark.slow
+def test_ray_gives_the_local_engines_embeddings_and_counts(tmp_path, tiny_backbone, messy_folder, ray_cluster,
+                                                           monkeypatch):
+    local = EmbeddingCache.open(tmp_path / "local", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    expected = embed_records(from_folder(messy_folder), local, tiny_backbone, batch_size=8, progress=False)
+    assert (expected.encoded, expected.cached, expected.skipped) == (30, 1, 3)
+
+    cache = EmbeddingCache.open(tmp_path / "ray", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    # a third of the posters committed already: Ray encodes only the rest
+    embed_records(from_folder(messy_folder)[:10], cache, tiny_backbone, progress=False)
+    before = np.array(cache.image_matrix())
+    got = embed_records_ray(from_folder(messy_folder), cache, batch_size=4, concurrency=1, progress=False)
+    assert (got.records, got.encoded + 10, got.cached - 10, got.skipped) == (
+        expected.records, expected.encoded, expected.cached, expected.skipped)
+    assert skipped(got) == skipped(expected)
+    assert got.posters_per_second > 0
+    np.testing.assert_array_equal(np.array(cache.image_matrix())[:len(before)], before)  # old rows untouched
+    assert_same_cache(local, cache)
+    # the poster shown twice has one row, shared by both records
+    np.testing.assert_array_equal(by_id(cache, ["same-as-first"]), by_id(cache, ["syn-00000"]))
+
+    forbid_ray(monkeypatch)  # a rerun over committed posters does the hashing alone
+    again = embed_records_ray(from_folder(messy_folder), cache, batch_size=4, progress=False)
+    assert (again.encoded, again.cached, again.skipped) == (0, 31, 3)
+
+
+@pytest.mark.slow
+def test_a_backbone_that_differs_on_the_workers_is_one_line(tmp_path, tiny_backbone, synthetic_set, ray_cluster):
+    """The actors check the backbone they load against the cache's identity, as the local engine
+    does: here the checkpoint the cache records was replaced by other weights after the cache was made."""
+    from clipposter.embedding.backbone import TINY_MODEL, load_backbone, save_tiny_backbone
+
+    ckpt = save_tiny_backbone(tmp_path / "moving.safetensors", seed=0)
+    made_with = load_backbone(TINY_MODEL, str(ckpt), device="cpu")
+    cache = EmbeddingCache.open(tmp_path / "c", made_with.identity, backbone_spec=made_with.spec)
+    save_tiny_backbone(ckpt, seed=1)
+    with pytest.raises(ClipposterError) as caught:
+        embed_records_ray(copies(synthetic_set[1][:4]), cache, batch_size=2, concurrency=1, progress=False)
+    message = str(caught.value)
+    assert "was made with backbone" in message and "\n" not in message and "Traceback" not in message
+    assert cache.num_posters == 0
+
+
+def test_other_weights_are_refused_before_any_ray_work(tmp_path, tiny_backbone, synthetic_set, monkeypatch):
+    from clipposter.embedding.backbone import save_tiny_backbone
+
+    other = save_tiny_backbone(tmp_path / "other.safetensors", seed=1)
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    forbid_ray(monkeypatch)
+    with pytest.raises(ClipposterError, match="was made with backbone"):
+        embed_records_ray(copies(synthetic_set[1][:4]), cache, pretrained=str(other), progress=False)
+    with pytest.raises(ClipposterError, match="^concurrency must be at least 1"):
+        embed_records_ray(copies(synthetic_set[1][:4]), cache, concurrency=0, progress=False)
+    assert cache.num_posters == 0
+
+
+def test_engine_flags_are_checked_before_any_work(tmp_path, capsys, synthetic_set, tiny_checkpoint):
+    src, _ = synthetic_set
+    manifest = src / "manifest.csv"
+    code, out, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint),
+                             "--address", "auto")
+    assert code == 2 and err.strip() == "error: --address applies to --engine ray only"
+    code, out, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint),
+                             "--engine", "ray", "--decode", "gpu")
+    assert code == 2 and err.strip().startswith("error: --decode applies to --engine local only")
+    code, out, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "c", *tiny_args(tiny_checkpoint),
+                             "--engine", "ray", "--concurrency", "0")
+    assert code == 2 and err.strip() == "error: --concurrency must be at least 1 encoder, got 0"
+    assert not (tmp_path / "c").exists() or EmbeddingCache.open(tmp_path / "c", mode="r").num_posters == 0
+
+
+def committed_posters(cache_dir) -> int:
+    try:
+        with EmbeddingCache.open(cache_dir, mode="r") as cache:
+            return cache.num_posters
+    except (ClipposterError, OSError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_ray_job_resumes_to_the_local_engines_cache(tmp_path, tiny_checkpoint, tiny_backbone, ray_cluster,
+                                                            capsys):
+    src = tmp_path / "posters"
+    records = generate_posters(src, n=240, seed=21)
+    cache_dir = tmp_path / "cache"
+    args = ["embed", str(src / "manifest.csv"), "--cache", str(cache_dir), *tiny_args(tiny_checkpoint),
+            "--engine", "ray", "--batch-size", "4", "--no-texts", "--json"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clipposter.cli.main", *args, "--address", ray_cluster,
+                             "--concurrency", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    committed, deadline = 0, time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        committed = committed_posters(cache_dir)
+        if committed >= 8:  # at least two blocks committed
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the Ray job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    at_kill = committed_posters(cache_dir)
+    assert 8 <= at_kill < len(records)
+
+    # the rerun joins the module's Ray in this process; it encodes only what was not committed
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    summary = json.loads(out)["summary"]
+    assert (summary["encoded"], summary["cached"], summary["skipped"]) == (len(records) - at_kill, at_kill, 0)
+
+    local = EmbeddingCache.open(tmp_path / "local", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records(copies(records), local, tiny_backbone, batch_size=4, progress=False)
+    with EmbeddingCache.open(cache_dir, mode="r") as cache:
+        assert cache.num_posters == len(records)  # no poster twice
+        assert_same_cache(local, cache)
