@@ -94,7 +94,8 @@ def add_source_args(p: argparse.ArgumentParser, *, reads_posters: bool = True) -
     g.add_argument("--image-root", default=None, help="folder that relative image paths in a manifest start from")
     g.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split (default 0)")
     g.add_argument("--download-dir", default=None,
-                   help="download posters that only have a URL into this folder before embedding")
+                   help="download posters that only have a URL (and copy wds: pipe: shards) into this folder "
+                        "before embedding")
     g.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="largest poster file read, in bytes; larger ones are skipped (default 50 MB)")
 
@@ -137,7 +138,7 @@ def load_records(args, stats=None, *, local_images: bool = True):
 
     check_limits(max_pixels=getattr(args, "max_pixels", None), max_bytes=getattr(args, "max_bytes", None))
     options = {k: v for k, v in vars(args).items() if k.endswith("_col") and v is not None}
-    for name in ("image_root", "encoding", "join"):
+    for name in ("image_root", "encoding", "join", "download_dir"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)
     stats = stats if stats is not None else SourceStats()

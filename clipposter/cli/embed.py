@@ -176,8 +176,9 @@ def register(sub) -> None:
     """Add `embed`, `cache info`, `synth` and `download` to the top-level subparsers."""
     p = sub.add_parser("embed", help="encode posters into an embedding cache",
                        description="Encode every poster of SOURCE once with a frozen CLIP backbone into --cache. "
-                                   "SOURCE: a folder of images, a CSV/Parquet manifest, MovieGenre.csv, or kaggle:DIR.")
-    p.add_argument("source", metavar="SOURCE", help="folder, manifest (.csv/.parquet), MovieGenre.csv, or kaggle:DIR")
+                                   "SOURCE: a folder of images, a CSV/Parquet manifest, MovieGenre.csv, kaggle:DIR, or "
+                                   "wds:SHARDS (WebDataset tar shards, docs/webdataset.md).")
+    p.add_argument("source", metavar="SOURCE", help="folder, manifest (.csv/.parquet), MovieGenre.csv, kaggle:DIR or wds:SHARDS")
     add_cache_flag(p, help="cache directory (created if missing)")
     add_backbone_args(p)
     add_source_args(p)

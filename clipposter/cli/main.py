@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from clipposter.cli import app, backbone, captions, demo, embed, genres, report, search
+from clipposter.cli import app, backbone, captions, demo, embed, export, genres, report, search
 from clipposter.cli.common import EXIT_ERROR, flag_for, name_flags
 from clipposter.errors import ClipposterError, ConfigError
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="train_head", required=True)
     evaluate_heads = sub.add_parser("evaluate", help="evaluate a head on a cache split").add_subparsers(
         dest="evaluate_head", required=True)
-    for module in (genres, captions, backbone, search, report, app, demo):
+    for module in (genres, captions, backbone, search, report, app, demo, export):
         module.register(sub, train_heads, evaluate_heads)
     for leaf in leaf_parsers(parser):
         # the parser of the invoked command, to name its flags in error messages

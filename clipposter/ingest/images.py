@@ -5,6 +5,7 @@ first frame only, EXIF orientation applied, transparency flattened onto white, 1
 float images scaled (not clipped) to 8 bits. Oversized images are refused from the header
 alone, before any pixel is decoded, and truncated files are refused rather than padded.
 
+Posters inside tar shards are read by a path SHARD.tar#MEMBER (clipposter.ingest.tar_members).
 Only regular files are read: a FIFO or a device named like a poster (`a.jpg` → /dev/zero) fails at
 once instead of blocking or streaming without end, and no file is read past `max_bytes`.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipposter.errors import ConfigError, PosterError
+from clipposter.ingest.tar_members import member_location, member_size, read_member
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -158,8 +160,16 @@ def _open_file(path: PathLike, label: str, max_bytes: int) -> IO[bytes]:
     """The open regular file at `path`, refused when empty or larger than `max_bytes`.
 
     The kind of file is checked before opening (opening a device can have effects of its own, and a
-    FIFO blocks until a writer comes) and again on the open descriptor, which is what is read.
+    FIFO blocks until a writer comes) and again on the open descriptor, which is what is read. A path
+    SHARD.tar#MEMBER names a poster inside a tar shard (clipposter.ingest.tar_members): its bytes.
     """
+    if member_location(path) is not None:
+        size = member_size(path, label)
+        if size == 0:
+            raise PosterError(label, EMPTY_REASON)
+        if size > max_bytes:
+            raise PosterError(label, _too_many_bytes_reason(max_bytes))
+        return io.BytesIO(read_member(path, label))
     try:
         _require_regular_file(os.stat(path).st_mode, label)
         # builtins.open, not os.fdopen(os.open(...)): one call that tools and tests can watch.

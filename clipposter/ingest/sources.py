@@ -18,9 +18,8 @@ import io
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -29,6 +28,8 @@ from clipposter.errors import ClipposterError
 from clipposter.files import atomic_write_bytes
 from clipposter.ingest.images import IMAGE_EXTENSIONS
 from clipposter.ingest.manifest import read_table
+from clipposter.ingest.source_stats import SPLIT_ALIASES, SourceStats  # noqa: F401 (public here too)
+from clipposter.ingest.webdataset import WDS_PREFIX, from_webdataset
 from clipposter.records import DEFAULT_FRACTIONS, PosterRecord, assign_splits, clean_text, parse_genres
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
@@ -37,63 +38,12 @@ KAGGLE_GENRE_FILE = "MovieGenre.csv"
 KAGGLE_METADATA_FILE = "movies_metadata.csv"
 KAGGLE_POSTER_DIR = "posters"
 
-# Accepted spellings of the three split names, compared after strip().lower().
-SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
-    "test": "test", "testing": "test",
-}
-
 # Column defaults of from_manifest; a name that differs from its default was asked for explicitly
 # and must exist, while a missing default column just means the manifest has no such field.
 _DEFAULT_COLUMNS = {
     "id": "id", "image": "image", "genres": "genres", "tagline": "tagline",
     "overview": "overview", "split": "split", "title": "title", "url": "url",
 }
-
-
-@dataclass
-class SourceStats:
-    """What a reader saw: rows read, rows dropped and why. Readers add to it, never reset it.
-
-    `notes` say what was decided for the user (a CSV's encoding, the counts of the Kaggle join),
-    `warnings` name things left out one by one (the first MAX_WARNINGS, then how many more), and
-    `join` holds the Kaggle join's counts: join, labelled, with_metadata, kept.
-    """
-
-    MAX_WARNINGS: ClassVar[int] = 10
-
-    rows_read: int = 0
-    rows_skipped: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    join: dict[str, Any] | None = None
-    _more: int = field(default=0, init=False, repr=False)
-
-    def skip(self, reason: str, count: int = 1) -> None:
-        if count <= 0:
-            return
-        self.rows_skipped += count
-        self.reasons[reason] = self.reasons.get(reason, 0) + count
-
-    def warn(self, line: str) -> None:
-        if len(self.warnings) < self.MAX_WARNINGS:
-            self.warnings.append(line)
-            return
-        self._more += 1
-        del self.warnings[self.MAX_WARNINGS:]
-        self.warnings.append(f"and {self._more} more")
-
-    def summary(self) -> str:
-        """One line for the CLI, e.g. `read 12 rows, skipped 2 (duplicate imdbId: 2)`."""
-        line = f"read {self.rows_read} rows, skipped {self.rows_skipped}"
-        if self.reasons:
-            line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) + ")"
-        return line
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
 # --------------------------------------------------------------------------- cell helpers
@@ -537,17 +487,20 @@ def require_local_images(records: Sequence[PosterRecord], spec: str | os.PathLik
 _FOLDER_OPTIONS = frozenset(inspect.signature(from_folder).parameters) - {"root", "stats"}
 _MANIFEST_OPTIONS = frozenset(inspect.signature(from_manifest).parameters) - {"path", "stats"}
 _KAGGLE_OPTIONS = frozenset(inspect.signature(from_kaggle).parameters) - {"movie_genre_csv", "stats"}
-_ALL_OPTIONS = _FOLDER_OPTIONS | _MANIFEST_OPTIONS | _KAGGLE_OPTIONS
+_WDS_OPTIONS = frozenset(inspect.signature(from_webdataset).parameters) - {"spec", "stats"}
+_ALL_OPTIONS = _FOLDER_OPTIONS | _MANIFEST_OPTIONS | _KAGGLE_OPTIONS | _WDS_OPTIONS
 
 SOURCE_FORMS = ("a folder of images, a .csv/.tsv/.parquet manifest, a MovieGenre.csv, "
-                "or kaggle:DIR (DIR holding MovieGenre.csv, optional movies_metadata.csv and posters/)")
+                "kaggle:DIR (DIR holding MovieGenre.csv, optional movies_metadata.csv and posters/), "
+                "or wds:SHARDS (WebDataset tar shards, e.g. wds:DIR/{000000..000009}.tar)")
 
 
 def load_source(spec: str | os.PathLike, *, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                 stats: SourceStats | None = None, **options: Any) -> list[PosterRecord]:
     """Records from one CLI spec, with seeded splits for records that have none.
 
-    `options` are the keyword arguments of from_folder / from_manifest / from_kaggle; those that
+    `options` are the keyword arguments of from_folder / from_manifest / from_kaggle / from_webdataset
+    (clipposter.ingest.webdataset, for `wds:` specs); those that
     do not apply to the chosen reader, and those that are None, are ignored so a CLI can pass all
     of its flags. An empty result is an error, since nothing downstream can use it.
     """
@@ -561,7 +514,9 @@ def load_source(spec: str | os.PathLike, *, seed: int = 0, fractions: Sequence[f
     def pick(allowed: frozenset[str]) -> dict[str, Any]:
         return {k: v for k, v in options.items() if k in allowed}
 
-    if text.startswith("kaggle:"):
+    if text.startswith(WDS_PREFIX):
+        records = from_webdataset(text, stats=stats, **pick(_WDS_OPTIONS))
+    elif text.startswith("kaggle:"):
         folder = Path(text[len("kaggle:"):] or ".").expanduser()
         if not folder.is_dir():
             raise ClipposterError(f"{text}: folder {folder} not found; use kaggle:DIR with DIR holding {KAGGLE_GENRE_FILE}")

@@ -60,7 +60,7 @@ def test_every_command_has_json_and_the_shared_flags_mean_one_thing():
     found = leaves()
     assert set(found) == {"embed", "cache info", "synth", "download", "train genres", "train captions",
                           "train backbone", "evaluate genres", "evaluate captions", "predict", "caption", "search", "duplicates",
-                          "report", "app", "demo"}
+                          "report", "app", "demo", "export wds"}
     for name, leaf in found.items():
         opts = options(leaf)
         assert "--json" in opts, f"{name} lacks --json"
