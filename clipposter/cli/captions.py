@@ -70,6 +70,7 @@ def _set_threads(args) -> None:
 def cmd_train_captions(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.caption.train import TrainConfig, train_caption_head
+    from clipposter.heads.distributed import is_main_process
 
     _set_threads(args)
     cache = EmbeddingCache.open(args.cache, mode="r")
@@ -81,6 +82,8 @@ def cmd_train_captions(args) -> int:
                                  mapper_layers=args.mapper_layers, max_tokens=args.max_tokens,
                                  center=not args.no_center, train=train, resume=args.resume,
                                  progress=not args.json)
+    if not is_main_process():  # launched in several processes: rank 0 prints the summary
+        return 0
     last = summary.history[-1] if summary.history else {}
     lines = [f"trained a {summary.mode} caption head on {summary.train_examples} {summary.target}s "
              f"({summary.skipped['train']} posters skipped: no usable {summary.target}; "

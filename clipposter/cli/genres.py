@@ -54,6 +54,7 @@ def _small_data_line(args, small: dict) -> str:
 def cmd_train_genres(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.heads.genre import parse_genre_spec, parse_pos_weight, train_genre_head
+    from clipposter.heads.distributed import is_main_process
     from clipposter.heads.genre.head import check_head_folder
 
     given = {k: getattr(args, k) for k in PAPER_DEFAULTS if hasattr(args, k)}
@@ -80,6 +81,8 @@ def cmd_train_genres(args) -> int:
                                   small_data=getattr(args, "small_data", "auto"),
                                   pretrained=pretrained_arg(args.pretrained), device=args.device,
                                   progress=not args.json)
+        if not is_main_process():  # launched in several processes: rank 0 writes the head and the report
+            return 0
         if replacing:  # the replaced head's evaluation describes another head
             for name in (EVALUATION_FILE, Path(EVALUATION_FILE).with_suffix(".svg").name):
                 (Path(args.out) / name).unlink(missing_ok=True)

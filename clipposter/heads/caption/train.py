@@ -6,6 +6,11 @@ optimizer state, scheduler state and data-order seed, so `resume=True` continues
 last epoch is done, OUT itself becomes the finished head (hard links to the last checkpoint's files).
 Only the last `keep_checkpoints` checkpoints stay on disk (one by default: with GPT-2 a checkpoint is
 ~1.5 GB, two thirds of it optimizer state); 0 removes them once the finished head is written.
+
+Under `accelerate launch` or `torchrun` the head trains data-parallel (heads/distributed.py): `batch_size`
+stays the global batch, each rank back-propagates its share of it weighted by the global batch's token
+count, the validation loss is summed over the ranks' shares, and only rank 0 writes checkpoints, the
+head and the progress output.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from clipposter.embedding.backbone import resolve_device
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import atomic_path, read_json
+from clipposter.heads import distributed
 from clipposter.heads.caption.config import DEFAULT_LM
 from clipposter.heads.caption.lm import first_line
 from clipposter.heads.caption.model import CONFIG_FILE, LM_DIR, MAPPER_FILE, CaptionHead, write_head_json
@@ -136,10 +142,8 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def validation_loss(head: CaptionHead, emb: np.ndarray, ids: list[list[int]], batch_size: int = 64) -> float | None:
-    """Mean cross-entropy per text token (nats), or None with no examples."""
-    if not ids:
-        return None
+def _validation_sums(head: CaptionHead, emb: np.ndarray, ids: list[list[int]], batch_size: int = 64) -> tuple[float, int]:
+    """Summed cross-entropy over the text tokens of `ids` and their number."""
     was = head.training
     head.eval()
     total, count = 0.0, 0
@@ -148,7 +152,38 @@ def validation_loss(head: CaptionHead, emb: np.ndarray, ids: list[list[int]], ba
         total += float(loss)
         count += n
     head.train(was)
+    return total, count
+
+
+def validation_loss(head: CaptionHead, emb: np.ndarray, ids: list[list[int]], batch_size: int = 64) -> float | None:
+    """Mean cross-entropy per text token (nats), or None with no examples."""
+    if not ids:
+        return None
+    total, count = _validation_sums(head, emb, ids, batch_size)
     return total / max(1, count)
+
+
+def _shared_validation_loss(head: CaptionHead, emb: np.ndarray, ids: list[list[int]],
+                            ranks: distributed.Ranks) -> float | None:
+    """`validation_loss` with each rank scoring its share of the examples and the sums reduced."""
+    if not ranks.active:
+        return validation_loss(head, emb, ids)
+    if not ids:
+        return None
+    share = torch.tensor_split(torch.arange(len(ids)), ranks.world_size)[ranks.rank].tolist()
+    total, count = distributed.all_sums(_validation_sums(head, emb[share], [ids[i] for i in share]), ranks)
+    return total / max(1, count)
+
+
+class _LossModule(torch.nn.Module):
+    """The head's training loss as a forward pass, the call DistributedDataParallel synchronises."""
+
+    def __init__(self, head: CaptionHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, emb: torch.Tensor, labels):
+        return self.head.loss(emb, labels)
 
 
 def _set_train_mode(head: CaptionHead) -> None:
@@ -226,6 +261,10 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
     cfg = (train or TrainConfig()).validate()
     out = Path(out)
     device = resolve_device(cfg.device)
+    ranks = distributed.launched()
+    if ranks.active and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)  # one device per launched process
+    progress = progress and ranks.is_main
     started = time.perf_counter()
     checkpoint = _latest_checkpoint(out) if resume else None
     if not resume and ((out / CONFIG_FILE).exists() or (out / CHECKPOINTS / LATEST).exists()):
@@ -286,6 +325,10 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
             raise ConfigError("epochs", f"is {cfg.epochs}, but {checkpoint} is already trained for {first_epoch} "
                                         f"epochs; set it larger than {first_epoch} to train further")
 
+    distributed.setup(device)
+    if device.type == "cuda" and ranks.active:
+        torch.cuda.set_device(device)
+    forward = distributed.wrap_module(_LossModule(head), ranks, device) if ranks.active else head.loss
     autocast, scaler = _autocast(device)
     emb_t = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
     tokens_seen, train_seconds = 0, 0.0
@@ -296,7 +339,8 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
         for epoch in range(first_epoch, cfg.epochs):
             # Data order and dropout depend only on (seed, epoch): a resumed run matches an
             # uninterrupted one.
-            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            # Ranks past 0 draw dropout masks of their own.
+            torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * ranks.rank)
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             _set_train_mode(head)
             t0 = time.perf_counter()
@@ -309,15 +353,24 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
                     # The accumulated batch's token count, so the summed losses average over all of it.
                     window = order[b * cfg.batch_size:(b + cfg.accumulate) * cfg.batch_size]
                     window_tokens = sum(len(ids[i]) for i in window.tolist())
-                rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+                rows, own = distributed.shard(order[b * cfg.batch_size:(b + 1) * cfg.batch_size], ranks)
+                rows = rows.tolist()
                 labels = head.batch([ids[i] for i in rows])
-                with autocast:
-                    loss_sum, n_tokens = head.loss(emb_t[rows], labels)
-                loss = loss_sum / window_tokens
-                (scaler.scale(loss) if scaler else loss).backward()
-                epoch_loss += float(loss_sum.detach())
-                epoch_tokens += n_tokens
-                if (b + 1) % cfg.accumulate == 0 or b + 1 == batches_per_epoch:
+                stepping = (b + 1) % cfg.accumulate == 0 or b + 1 == batches_per_epoch
+                # Gradients are averaged over the ranks only at the batch that steps.
+                with (forward.no_sync() if ranks.active and not stepping else contextlib.nullcontext()):
+                    with autocast:
+                        loss_sum, n_tokens = forward(emb_t[rows], labels)
+                    loss = loss_sum / window_tokens
+                    if ranks.active:
+                        # DDP averages the ranks' gradients: × world makes it the global window's sum
+                        # over its tokens; a rank with no rows of this batch adds nothing.
+                        loss = loss * (ranks.world_size if own else 0.0)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                if own:
+                    epoch_loss += float(loss_sum.detach())
+                    epoch_tokens += n_tokens
+                if stepping:
                     if scaler:
                         scaler.unscale_(optimizer)
                     if cfg.max_grad_norm:
@@ -339,10 +392,13 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
                                    file=sys.stderr)
                         estimate_due = False
             bar.close()
+            if ranks.active:
+                epoch_loss, epoch_tokens = distributed.all_sums([epoch_loss, epoch_tokens], ranks)
+                epoch_tokens = int(epoch_tokens)
             seconds = time.perf_counter() - t0
             tokens_seen += epoch_tokens
             train_seconds += seconds
-            val = validation_loss(head, val_emb, val_ids)
+            val = _shared_validation_loss(head, val_emb, val_ids, ranks)
             record = {"epoch": epoch + 1, "train_loss": round(epoch_loss / max(1, epoch_tokens), 5),
                       "validation_loss": None if val is None else round(val, 5), "seconds": round(seconds, 3),
                       "tokens_per_second": round(epoch_tokens / max(seconds, 1e-9), 1)}
@@ -353,12 +409,15 @@ def train_caption_head(cache, out: str | os.PathLike, *, lm: str | Any = DEFAULT
             head.training_record = {"epochs": epoch + 1, "steps": step, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                     "accumulate": cfg.accumulate, "warmup_steps": warmup, "history": history,
                                     "train_examples": len(ids), "cache": str(cache.root)}
-            latest = _save_checkpoint(head, out, epoch + 1, optimizer, scheduler,
-                                      {"epoch": epoch + 1, "step": step, "seed": cfg.seed,
-                                       "batch_size": cfg.batch_size, "history": history}, cfg.keep_checkpoints)
-    _export(latest, out)
-    if cfg.keep_checkpoints == 0:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # OUT's files are links of their own
+            if ranks.is_main:
+                latest = _save_checkpoint(head, out, epoch + 1, optimizer, scheduler,
+                                          {"epoch": epoch + 1, "step": step, "seed": cfg.seed,
+                                           "batch_size": cfg.batch_size, "history": history}, cfg.keep_checkpoints)
+    if ranks.is_main:
+        _export(latest, out)
+        if cfg.keep_checkpoints == 0:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # OUT's files are links of their own
+    distributed.barrier(ranks)  # every process returns once the head is whole
     return TrainResult(out=str(out), target=head.config.target, mode=head.config.mode, epochs=cfg.epochs,
                         resumed_from_epoch=first_epoch, steps=step, train_examples=len(ids),
                         validation_examples=len(val_ids),
