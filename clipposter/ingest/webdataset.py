@@ -62,7 +62,6 @@ class Sample:
     local: str  # the tar file read
     image: str | None = None  # member name of the image
     image_suffix: str | None = None
-    image_size: int = 0
     meta: dict[str, Any] | None = None  # the json member, when it parsed to an object
     text: str | None = None  # the txt member
     problems: list[str] = field(default_factory=list)  # why the sample cannot be used
@@ -210,7 +209,7 @@ def iter_samples(local: str | os.PathLike, stats: SourceStats, *, shard: str | N
 def _add_member(sample: Sample, tar: tarfile.TarFile, info: tarfile.TarInfo, suffix: str) -> None:
     if suffix in IMAGE_SUFFIXES:
         if sample.image_suffix is None or IMAGE_SUFFIXES.index(suffix) < IMAGE_SUFFIXES.index(sample.image_suffix):
-            sample.image, sample.image_suffix, sample.image_size = info.name, suffix, info.size
+            sample.image, sample.image_suffix = info.name, suffix
         return
     if suffix not in ("json", "txt"):
         return

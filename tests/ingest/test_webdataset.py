@@ -73,6 +73,16 @@ def test_img2dataset_shards_become_records_keyed_by_the_tar_key(shards):
     assert np.abs(pixel.astype(int) - (10, 10, 200)).max() <= 3
 
 
+def test_the_tagline_is_the_json_tagline_else_its_caption_else_the_txt_member(tmp_path):
+    write_tar(tmp_path / "s.tar", [
+        ("a.jpg", jpeg()), ("a.json", b'{"tagline": "T", "caption": "C"}'), ("a.txt", b"X"),
+        ("b.jpg", jpeg()), ("b.json", b'{"caption": "C"}'), ("b.txt", b"X"),
+        ("c.jpg", jpeg()), ("c.json", b'{"tagline": null}'), ("c.txt", b"X"),
+        ("d.jpg", jpeg()), ("d.json", b'{"caption": "  "}')])
+    assert [(r.id, r.tagline) for r in load_source(f"wds:{tmp_path}/s.tar")] == [
+        ("a", "T"), ("b", "C"), ("c", "X"), ("d", None)]
+
+
 def test_a_folder_spec_reads_its_tar_files_in_order_and_ids_are_stable(shards):
     assert shard_urls(f"wds:{shards}") == [str(shards / "000.tar"), str(shards / "001.tar")]
     first = load_source(f"wds:{shards}")
@@ -135,6 +145,10 @@ def test_a_truncated_shard_keeps_the_samples_before_the_damage(tmp_path):
     assert [r.id for r in records] == ["a"]
     assert stats.reasons == {"truncated shard": 1}
     assert "truncated or damaged after 1 samples" in stats.warnings[0]
+    # a path to the cut member (kept by a cache made before the damage) is refused, never read short
+    with pytest.raises(PosterError, match="truncated"):
+        read_bytes(f"{cut}#b.jpg")
+    assert read_bytes(f"{cut}#a.jpg") == read_bytes(f"{full}#a.jpg")
 
 
 def test_a_compressed_or_foreign_file_is_skipped_with_a_warning(tmp_path):
@@ -195,6 +209,16 @@ def test_export_then_read_gives_the_same_records_and_bytes(tmp_path):
     back = load_source(f"wds:{tmp_path}/out/{{000000..000002}}.tar")
     strip = [{**r.to_dict(), "image": None} for r in records]
     assert [{**r.to_dict(), "image": None} for r in back] == strip
+    assert [read_bytes(r.image) for r in back] == [Path(r.image).read_bytes() for r in records]
+
+
+def test_shards_export_again_into_other_shard_sizes_unchanged(tmp_path):
+    records = poster_records(tmp_path / "posters", 5)
+    export_webdataset(records, tmp_path / "a", shard_size=3)
+    export_webdataset(load_source(f"wds:{tmp_path}/a"), tmp_path / "b", shard_size=2)
+    back = load_source(f"wds:{tmp_path}/b")
+    assert len(list((tmp_path / "b").glob("*.tar"))) == 3
+    assert [{**r.to_dict(), "image": None} for r in back] == [{**r.to_dict(), "image": None} for r in records]
     assert [read_bytes(r.image) for r in back] == [Path(r.image).read_bytes() for r in records]
 
 
