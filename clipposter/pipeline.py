@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from clipposter.embedding.backbone import TINY_MODEL, Backbone, load_backbone
 from clipposter.embedding.contrastive import SYNTHETIC_SEED, ContrastiveConfig, SyntheticBackbone, synthetic_backbone
@@ -95,7 +95,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def pick_backbone(device: str = "auto", online: bool | None = None,
-                  fallback=None) -> tuple[Backbone, str | None]:
+                  fallback: Callable[[], Backbone] | None = None) -> tuple[Backbone, str | None]:
     """The real backbone when its weights can be had, else `fallback()` (default: the tiny random one)
     and the reason why not."""
     online = hub_reachable() if online is None else online
@@ -430,8 +430,8 @@ def format_demo(result: DemoResult) -> str:
                  f"{emb.get('skipped', 0)} skipped; backbone {s['backbone']['backbone']}; LM {s['lm']['lm']}")
     b = s.get("backbone", {})
     if "trained_in" in b:
-        lines.append(f"offline backbone: {'trained now in ' + str(round(b['trained_seconds'])) + ' s' if b['trained_now'] else 'reused'}"
-                     f" from {b['trained_in']}")
+        how = f"trained now in {b['trained_seconds']:.0f} s" if b["trained_now"] else "reused"
+        lines.append(f"offline backbone: {how} from {b['trained_in']}")
     g = s.get("genre_eval", {})
     if g:
         lines.append(f"genres ({g['split']}): micro-F1 {g.get('head_micro_f1')} (image-blind constant "

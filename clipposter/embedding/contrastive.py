@@ -387,7 +387,8 @@ class SyntheticBackbone:
     seconds: float  # of training (and drawing the posters) in this call; 0 when it was cached
 
     def describe(self) -> str:
-        return f"{self.backbone.identity.model}, a tiny CLIP trained on {self.posters} synthetic posters, not CLIP's weights"
+        return (f"{self.backbone.identity.model}, a tiny CLIP trained on {self.posters} synthetic posters, "
+                f"not CLIP's weights")
 
 
 def _current(folder: Path) -> bool:

@@ -48,7 +48,8 @@ SEARCH_QUERY = "a {genre} movie poster"
 
 
 def _labels(records: Sequence[PosterRecord], genres: Sequence[str]) -> np.ndarray:
-    return np.array([[g in r.genres for g in genres] for r in records], dtype=np.int8).reshape(len(records), len(genres))
+    rows = [[g in r.genres for g in genres] for r in records]
+    return np.array(rows, dtype=np.int8).reshape(len(records), len(genres))
 
 
 def _genre_text(backbone: Backbone, genres: Sequence[str]) -> np.ndarray:

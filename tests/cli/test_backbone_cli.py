@@ -36,7 +36,8 @@ def test_json_names_the_checkpoint_and_what_it_trained_on(trained, synthetic_set
     code, payload, err, out = trained
     _, records = synthetic_set
     assert code == 0, err
-    assert payload["path"] == str(out / "backbone.safetensors") and payload["sha256"] == file_sha256(out / "backbone.safetensors")
+    weights = out / "backbone.safetensors"
+    assert payload["path"] == str(weights) and payload["sha256"] == file_sha256(weights)
     assert payload["posters"] == sum(r.split == "train" for r in records)
     assert payload["held_out"] == sum(r.split != "train" for r in records)
     assert len(payload["history"]) == 2 and payload["settings"]["texts"] == ["title", "tagline", "genres"]
