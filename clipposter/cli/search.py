@@ -27,6 +27,9 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    help=f"collections smaller than this are searched exactly (default {DEFAULT_THRESHOLD:,})")
     g.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
                    help="recall@10 the approximate index is tuned to at build time (default 0.95)")
+    g.add_argument("--memory-budget", metavar="SIZE", default=None,
+                   help="memory the index may hold, e.g. 2GB: above it, IVF-PQ trained on a sample, filled chunk by "
+                        "chunk and re-ranked from the cache's rows (see docs/scaling.md); default: no limit")
     g.add_argument("--rebuild", action="store_true", help="rebuild the index even if the saved one is current")
 
 
@@ -39,7 +42,8 @@ def _open_index(args):
     cache = EmbeddingCache.open(args.cache, mode="r")
     try:
         index = PosterIndex.open(cache, kind=args.kind, threshold=args.exact_threshold, rebuild=args.rebuild,
-                                 progress=not args.json, target_recall=args.target_recall)
+                                 progress=not args.json, target_recall=args.target_recall,
+                                 memory_budget=args.memory_budget)
     except ConfigError as exc:
         if exc.field != "threshold":
             raise

@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -118,9 +118,12 @@ class ExactStore:
 
 
 def blocked_topk(matrix: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray | None = None,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, chunks: Iterable[tuple[int, np.ndarray]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product over a (possibly memory-mapped, float16) matrix, in float32 blocks,
-    so memory stays at one block however large the collection. `allowed`: boolean mask over rows."""
+    so memory stays at one block however large the collection. `allowed`: boolean mask over rows.
+    chunks: (first row, rows) blocks to scan instead of slices of `matrix` (which then gives only the
+    shape), e.g. `EmbeddingCache.iter_embeddings`, so that the scan does not keep the file mapped."""
     from tqdm.auto import tqdm
 
     n, dim = matrix.shape
@@ -128,9 +131,11 @@ def blocked_topk(matrix: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray 
     k = min(k, n)
     best_s = np.full((nq, k), -np.inf, np.float32)
     best_i = np.full((nq, k), -1, np.int64)
-    block = max(1024, _BLOCK_BYTES // (4 * dim))
-    for s in tqdm(range(0, n, block), desc="exact scan", unit="block", disable=not progress, leave=False):
-        blk = np.asarray(matrix[s:s + block], dtype=np.float32)
+    if chunks is None:
+        block = max(1024, _BLOCK_BYTES // (4 * dim))
+        chunks = ((s, matrix[s:s + block]) for s in range(0, n, block))
+    for s, blk in tqdm(chunks, desc="exact scan", unit="block", disable=not progress, leave=False):
+        blk = np.asarray(blk, dtype=np.float32)
         sc = q @ blk.T
         if allowed is not None:
             sc[:, ~allowed[s:s + len(blk)]] = -np.inf
@@ -146,10 +151,29 @@ def blocked_topk(matrix: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray 
     return best_s, best_i
 
 
+def gather_rows(read: Callable[[int, int, int], Iterator[tuple[int, np.ndarray]]], n: int, rows: np.ndarray,
+                window: int = 64, dtype=np.float32) -> np.ndarray:
+    """Copies of the given rows (in `dtype`; None: as stored), read `window` rows at a time through `read(start, stop, chunk_rows)`
+    (e.g. `EmbeddingCache.iter_embeddings`): a random gather through one long-lived map would fault in the
+    kernel's read-ahead around every row and keep most of the file resident."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = None
+    groups = rows[order] // window
+    for g in np.unique(groups):
+        at = order[groups == g]
+        for start, block in read(int(g * window), int(min(n, (g + 1) * window)), window):
+            if out is None:
+                out = np.empty((len(rows), block.shape[1]), dtype or block.dtype)
+            out[at] = block[rows[at] - start]
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 class Engine(abc.ABC):
     """Common interface of the three engines; all return (scores, rows) sorted best-first, row -1 = none."""
 
     kind: str
+    keeps_vectors = True  # False: exact scans read the cache in chunks instead of an in-memory store
 
     def __init__(self, matrix: np.ndarray, store: "LazyStore"):
         self.matrix = matrix
@@ -283,7 +307,7 @@ class HNSWEngine(Engine):
         return [self.index]
 
 
-def _pq_subquantizers(dim: int) -> int:
+def pq_subquantizers(dim: int) -> int:
     """4 dimensions per 4-bit sub-quantizer: 1 bit per dimension of code (64 bytes for 512-d)."""
     for per in (4, 2, 8, 1):
         if dim % per == 0 and (dim // per) % 2 == 0:  # fast-scan packs codes in pairs of sub-quantizers
@@ -326,7 +350,7 @@ class IVFPQEngine(Engine):
     def train(self, sample: np.ndarray, nlist: int, seed: int, shards: int = 1) -> None:
         faiss = import_faiss()
         dim = sample.shape[1]
-        m = _pq_subquantizers(dim)
+        m = pq_subquantizers(dim)
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         nlist = min(nlist, len(sample))
         if nlist <= 1:

@@ -32,9 +32,10 @@ from clipposter.embedding.cache import EmbeddingCache, RecordSummary
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import atomic_path, directory_lock, write_json
 from clipposter.search.config import (DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_TARGET_RECALL, DEFAULT_THRESHOLD,
-                                      INDEX_DIR, KINDS, check_target_recall, check_threshold, resolve_kind)
+                                      INDEX_DIR, KINDS, check_target_recall, check_threshold, format_bytes,
+                                      parse_memory_budget, resolve_kind)
 from clipposter.search.engines import (GEMM_MIN_QUERIES, Engine, ExactEngine, HNSWEngine, IVFPQEngine, LazyStore,
-                                       blocked_topk, import_faiss)
+                                       blocked_topk, gather_rows, import_faiss)
 from clipposter.search.results import DuplicatePair, GenrePredictions, Hit
 from clipposter.search.tuning import tune_hnsw, tune_ivf, tune_k_factor, tune_sample
 
@@ -50,13 +51,13 @@ _FINGERPRINT_ROWS = 257
 def cache_fingerprint(cache: EmbeddingCache, rows: int | None = None) -> str:
     """A hash of the cache's first `rows` embedding rows (sampled) and its backbone: rows are
     append-only, so equal fingerprints mean the old rows are the same and only new ones need adding."""
-    matrix = cache.image_matrix()
-    n = len(matrix) if rows is None else rows
+    n = cache.num_posters if rows is None else rows
     h = hashlib.sha256()
     h.update(f"{cache.identity.key}:{cache.dtype}:{cache.dim}:{n}".encode())
     if n:
         picks = np.unique(np.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).astype(np.int64))
-        h.update(np.ascontiguousarray(matrix[picks]).tobytes())
+        # read a few rows around each pick, not through one map whose read-ahead pulls in most of the file
+        h.update(np.ascontiguousarray(gather_rows(_reader(cache), n, picks, window=8, dtype=None)).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -82,8 +83,12 @@ class PosterIndex:
     def build(cls, cache: EmbeddingCache, kind: str = "auto", threshold: int = DEFAULT_THRESHOLD, *,
               target_recall: float = DEFAULT_TARGET_RECALL, hnsw_m: int = 32, hnsw_ef_construction: int = 80,
               nlist: int | None = None, shards: int | None = None, seed: int = 0,
-              progress: bool = True) -> "PosterIndex":
+              memory_budget: int | str | None = None, progress: bool = True) -> "PosterIndex":
         """Index every poster of the cache. kind: auto | exact | hnsw | ivfpq (see the module notes).
+
+        memory_budget: bytes (or "2GB") the index may hold. When today's in-memory build would need
+        more, auto and ivfpq build IVF-PQ within it (`clipposter.search.budget`); exact and hnsw,
+        which hold every vector, are refused.
 
         ivfpq options: nlist (IVF lists; default: tried at ~sqrt(n) from 20k posters, dropped when the
         data has no cluster structure) and shards (parallel code shards; default: one per core from
@@ -91,6 +96,7 @@ class PosterIndex:
         """
         threshold = check_threshold(threshold)
         target_recall = check_target_recall(target_recall)
+        budget = parse_memory_budget(memory_budget)
         matrix = cache.image_matrix()
         n = len(matrix)
         if n == 0:
@@ -99,7 +105,13 @@ class PosterIndex:
         started = time.perf_counter()
         store = LazyStore(matrix, progress)
         meta: dict = {}
-        if resolved == "exact":
+        plan = cls._budget_plan(kind, resolved, matrix, budget, nlist)
+        if plan is not None:
+            from clipposter.search.budget import build_within_budget
+
+            engine = build_within_budget(matrix, store, _reader(cache), plan, auto_nlist=nlist is None,
+                                         target_recall=target_recall, seed=seed, progress=progress, meta=meta)
+        elif resolved == "exact":
             engine: Engine = ExactEngine(matrix, store)
         elif resolved == "hnsw":
             engine = HNSWEngine(matrix, store, m=hnsw_m, ef_construction=hnsw_ef_construction)
@@ -113,6 +125,25 @@ class PosterIndex:
         index = cls(cache, engine, kind, threshold, target_recall, meta)
         index.meta.update({"posters": n, "fingerprint": cache_fingerprint(cache, n)})
         return index
+
+    @staticmethod
+    def _budget_plan(kind: str, resolved: str, matrix: np.ndarray, budget: int | None, nlist: int | None):
+        """The plan of a budgeted build, or None when today's in-memory build fits (or no budget is set)."""
+        if budget is None:
+            return None
+        from clipposter.search.budget import in_memory_bytes, plan_budget
+
+        n, dim = matrix.shape
+        need = in_memory_bytes(resolved, n, dim, matrix.dtype.itemsize)
+        if need <= budget:
+            return None
+        if kind in ("exact", "hnsw"):
+            raise ConfigError("memory_budget", f"of {format_bytes(budget)} is below what a {kind} index of {n:,} "
+                                               f"posters holds ({format_bytes(need)}: every vector in memory); "
+                                               f"use kind 'auto' or 'ivfpq', or give a larger budget")
+        log.info("an in-memory %s index of %d posters needs ~%s, over the memory budget of %s: building IVF-PQ "
+                 "chunk by chunk", resolved, n, format_bytes(need), format_bytes(budget))
+        return plan_budget(n, dim, budget, nlist)
 
     @staticmethod
     def _build_ivfpq(matrix, store, nlist, shards, target_recall, seed, progress, meta) -> IVFPQEngine:
@@ -213,6 +244,11 @@ class PosterIndex:
                     return None
                 if kind == "hnsw":
                     engine = HNSWEngine(matrix[:built_rows], store, index=parts[0])
+                elif state.get("params", {}).get("rerank") == "cache rows":
+                    from clipposter.search.budget import BudgetIVFEngine
+
+                    engine = BudgetIVFEngine(matrix[:built_rows], store, _reader(cache),
+                                             int(state["params"].get("chunk_rows", 65_536)), parts=parts)
                 else:
                     engine = IVFPQEngine(matrix[:built_rows], store, parts=parts)
                 engine.params.update(state.get("params", {}))
@@ -240,8 +276,13 @@ class PosterIndex:
         index = None if rebuild else cls.load(cache, progress=progress)
         if index is not None:
             wanted = resolve_kind(kind, index.ntotal, threshold)
-            if wanted != index.kind:
+            budget = parse_memory_budget(build_options.get("memory_budget"))
+            if wanted != index.kind and not (kind == "auto" and not index.engine.keeps_vectors):
                 log.info("saved index is %s, %s wanted; rebuilding", index.kind, wanted)
+                index = None
+            elif budget is not None and index.engine.keeps_vectors and index.engine.nbytes() > budget:
+                log.info("saved index holds %s, over the memory budget; rebuilding",
+                         format_bytes(index.engine.nbytes()))
                 index = None
         changed = index is None or index.meta.get("added_rows", 0) > 0
         if index is None:
@@ -428,12 +469,13 @@ class PosterIndex:
     def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None):
         if self.kind == "exact":
             return self.engine.search(q, k, rows)
-        if len(q) >= GEMM_MIN_QUERIES:
+        if len(q) >= GEMM_MIN_QUERIES or not self.engine.keeps_vectors:
             allowed = None
             if rows is not None:
                 allowed = np.zeros(self.ntotal, bool)
                 allowed[rows] = True
-            return blocked_topk(self.engine.matrix, q, k, allowed)
+            chunks = None if self.engine.keeps_vectors else _reader(self.cache)(0, self.ntotal, 16_384)
+            return blocked_topk(self.engine.matrix, q, k, allowed, chunks=chunks)
         return self.engine.store.get().search(q, min(k, self.ntotal), rows)
 
     def _hits(self, scores, rows, exclude: set[str], ok, k: int, predicted_sets) -> list[Hit]:
@@ -527,6 +569,13 @@ class PosterIndex:
         """The poster ids of each indexed row (several when one file was embedded under several ids)."""
         return self._row_ids
 
+
+
+def _reader(cache: EmbeddingCache):
+    """The cache's rows start..stop in chunks, each read from a map released before the next."""
+    def read(start: int, stop: int, chunk_rows: int):
+        return cache.iter_embeddings(chunk_rows, start, stop)
+    return read
 
 
 def _json_default(obj):

@@ -47,20 +47,28 @@ class TuneSample:
         return float(min(per))
 
 
-def tune_sample(matrix: np.ndarray, seed: int, progress: bool) -> TuneSample:
+def _rows_of(matrix: np.ndarray):
+    return lambda rows: np.asarray(matrix[rows], dtype=np.float32)
+
+
+def tune_sample(matrix: np.ndarray, seed: int, progress: bool, chunks=None, gather=None) -> TuneSample:
+    """chunks: (first row, rows) blocks for the exact scan (see `blocked_topk`), instead of `matrix`;
+    gather: rows → their float32 vectors, instead of indexing `matrix`."""
     n, dim = matrix.shape
+    gather = gather or _rows_of(matrix)
     rng = np.random.default_rng(seed)
     m = min(n, TUNE_QUERIES // 2)
     own_rows = np.sort(rng.choice(n, size=m, replace=False))
-    src = np.asarray(matrix[rng.choice(n, size=m, replace=False)], dtype=np.float32)
+    picked = gather(np.concatenate([rng.choice(n, size=m, replace=False), own_rows]))
+    src, own_vecs = picked[:m], picked[m:]
     noise = rng.standard_normal((m, dim)).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     off = src + noise * math.sqrt(1 / 0.4**2 - 1)  # cosine ≈ 0.4 to the source
     off /= np.linalg.norm(off, axis=1, keepdims=True)
-    queries = np.concatenate([np.asarray(matrix[own_rows], dtype=np.float32), off])
+    queries = np.concatenate([own_vecs, off])
     own = np.concatenate([own_rows, np.full(m, -1, np.int64)])
     k = min(TUNE_K, n - 1)
-    _, top = blocked_topk(matrix, queries, k + 1, progress=progress)
+    _, top = blocked_topk(matrix, queries, k + 1, progress=progress, chunks=chunks)
     return TuneSample(own, queries, drop_self(top, own, k), (np.arange(m), np.arange(m, 2 * m)))
 
 
@@ -82,13 +90,14 @@ def tune_hnsw(engine: HNSWEngine, sample: TuneSample, target: float) -> float:
     return recall
 
 
-def tune_ivf(engine: IVFPQEngine, sample: TuneSample, matrix: np.ndarray, target: float) -> None:
-    """Pick nprobe from how many lists hold the true neighbours, or drop IVF if too many do."""
+def tune_ivf(engine: IVFPQEngine, sample: TuneSample, matrix: np.ndarray, target: float, gather=None) -> None:
+    """Pick nprobe from how many lists hold the true neighbours, or drop IVF if too many do.
+    gather: rows → their float32 vectors, instead of indexing `matrix`."""
     base = engine.base
     nlist = engine.params["nlist"]
     centroids = base.quantizer.reconstruct_n(0, nlist)
     truth_rows = np.unique(sample.truth[sample.truth >= 0])
-    vecs = np.asarray(matrix[truth_rows], dtype=np.float32)
+    vecs = (gather or _rows_of(matrix))(truth_rows)
     assign = dict(zip(truth_rows.tolist(), np.argmax(vecs @ centroids.T, axis=1).tolist()))
     # rank[i, c]: position of list c in query i's probing order
     order = np.argsort(-(sample.queries @ centroids.T), axis=1)
@@ -116,10 +125,29 @@ def tune_ivf(engine: IVFPQEngine, sample: TuneSample, matrix: np.ndarray, target
     engine.params["nprobe"] = None  # signal: IVF does not pay on this data
 
 
-def tune_k_factor(engine: IVFPQEngine, sample: TuneSample, target: float) -> float:
+def _truth_ranks(engine: IVFPQEngine, sample: TuneSample, depth: int, batch: int) -> np.ndarray:
+    """Per query and true neighbour: its position in the query's candidate list (int64 max: not in it).
+    Queries go `batch` at a time, so only the ranks are kept, not every candidate list."""
+    nq, k = sample.truth.shape
+    ranks = np.full((nq, k), np.iinfo(np.int64).max, np.int64)
+    for s in range(0, nq, batch):
+        for i, row in enumerate(engine.candidates(sample.queries[s:s + batch], depth), s):
+            match = (row[None, :] == sample.truth[i][:, None]) & (row != sample.own[i])[None, :]
+            hit = match.any(axis=1) & (sample.truth[i] >= 0)
+            ranks[i, hit] = match.argmax(axis=1)[hit]
+    return ranks
+
+
+def tune_k_factor(engine: IVFPQEngine, sample: TuneSample, target: float, max_bytes: int | None = None) -> float:
+    """The smallest re-ranking depth (k × k_factor) whose candidates hold `target` of the true neighbours.
+    max_bytes: memory the candidate lists of one batch of queries may take (a budgeted build)."""
     k = sample.truth.shape[1]
     n = engine.ntotal
-    deepest = engine.candidates(sample.queries, min(n, (k + 1) * 1024 * 2))
+    deepest = min(n, (k + 1) * 1024 * 2)
+    nq = len(sample.queries)
+    # faiss returns float32 scores and int64 rows, and matching them against the truth takes as much again
+    batch = nq if max_bytes is None else int(min(nq, max(1, max_bytes // (deepest * 24))))
+    ranks = _truth_ranks(engine, sample, deepest, batch)
     # The sample estimates recall to about ±0.01; aim a little above the target so that the recall
     # on new queries does not fall under it by chance (seen: tuned 0.95, 0.936 on held-out queries).
     aim = target + (1 - target) * 0.25
@@ -129,7 +157,8 @@ def tune_k_factor(engine: IVFPQEngine, sample: TuneSample, target: float) -> flo
         # what a search re-ranks (shards each take a little more than their share)
         depth = engine.rerank_depth(k + 1)
         # Re-ranking is exact, so recall after it is the share of true neighbours among the candidates.
-        recall = sample.recall(drop_self(deepest[:, :depth], sample.own, depth))
+        share = np.mean(ranks < depth, axis=1)
+        recall = float(min(np.mean(share[g]) for g in sample.groups if len(g)))
         if recall >= aim or depth >= n:
             return recall
     engine.notes.append(f"k_factor {engine.params['k_factor']} reached only recall@{k} {recall:.3f} "
