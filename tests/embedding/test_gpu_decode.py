@@ -115,6 +115,8 @@ def odd_posters(root, synthetic_set):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° on display
     smooth_image(200, 300, seed=4).save(root / "rotated.jpg", exif=exif, quality=90)
+    exif[0x0112] = 1  # upright: nothing to turn
+    smooth_image(200, 300, seed=5).save(root / "upright.jpg", exif=exif, quality=90, progressive=True)
     good = open(src, "rb").read()
     (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
     return root
@@ -129,22 +131,39 @@ def test_files_the_device_decoder_cannot_take_go_through_the_cpu_path(tmp_path, 
     s_dev = embed_records(from_folder(folder), dev, tiny_backbone, workers=2, progress=False, decode="gpu")
     # png, cmyk, rotated and the truncated file (which the CPU path then refuses, as without --decode)
     assert s_dev.decode_fallbacks == 4
-    assert s_dev.encoded == s_pil.encoded == 5
+    assert s_dev.encoded == s_pil.encoded == 6
     assert s_dev.skipped_files == s_pil.skipped_files and len(s_dev.skipped_files) == 1
     assert "truncated" in s_dev.skipped_files[0][1]
     # Posters the CPU path decoded are its embeddings exactly; the rotated one is upright in both.
     for name in ("poster", "cmyk", "rotated"):
         np.testing.assert_array_equal(dev.embeddings_for_ids([name]), pil.embeddings_for_ids([name]))
-    assert cosines(dev.embeddings_for_ids(["plain", "grey"]), pil.embeddings_for_ids(["plain", "grey"])).min() > 0.99
+    on_device = ["plain", "grey", "upright"]  # upright: a progressive JPEG with an EXIF block
+    assert cosines(dev.embeddings_for_ids(on_device), pil.embeddings_for_ids(on_device)).min() > 0.99
 
 
-@pytest.mark.parametrize("name,why", [("poster.png", "not a JPEG"), ("cmyk.jpg", "CMYK JPEG"),
+@pytest.mark.parametrize("name,why", [("poster.png", "not a JPEG"), ("cmyk.jpg", "Adobe JPEG"),
                                       ("rotated.jpg", "EXIF orientation"), ("truncated.jpg", "no end-of-image marker"),
-                                      ("plain.jpg", None), ("grey.jpg", None)])
+                                      ("plain.jpg", None), ("grey.jpg", None), ("upright.jpg", None)])
 def test_which_files_the_device_decoder_takes(tmp_path, synthetic_set, name, why):
     folder = odd_posters(tmp_path / "odd", synthetic_set)
     assert tensor_decodable((folder / name).read_bytes(), 89_478_485) == why
     assert tensor_decodable((folder / "plain.jpg").read_bytes(), 200 * 300 - 1) == "over max_pixels"
+
+
+def without_segment(data: bytes, marker: int) -> bytes:
+    at = data.index(bytes([0xFF, marker]))
+    return data[:at] + data[at + 2 + int.from_bytes(data[at + 2:at + 4], "big"):]
+
+
+def test_frames_the_device_decoder_does_not_take(tmp_path, synthetic_set):
+    folder = odd_posters(tmp_path / "odd", synthetic_set)
+    cmyk = without_segment((folder / "cmyk.jpg").read_bytes(), 0xEE)  # no Adobe segment: four channels remain
+    assert tensor_decodable(cmyk, 10**8) == "4-channel JPEG"
+    plain = (folder / "plain.jpg").read_bytes()
+    sof = plain.index(b"\xff\xc0")
+    lossless = plain[:sof + 1] + b"\xc3" + plain[sof + 2:]
+    assert tensor_decodable(lossless, 10**8) == "lossless, hierarchical or arithmetic-coded JPEG"
+    assert tensor_decodable(without_segment(plain, 0xC0), 10**8) == "unreadable header"  # no frame at all
 
 
 def test_a_batch_the_device_decoder_fails_is_retried_file_by_file(tmp_path, tiny_backbone, synthetic_set,
