@@ -20,7 +20,6 @@ from clipposter.embedding.embed import embed_records, make_loader
 from clipposter.embedding.gpu_decode import (TensorDecoder, TensorPreprocess, check_decode, tensor_decodable,
                                              use_tensor_decoder)
 from clipposter.errors import ConfigError, PosterError
-from clipposter.ingest.images import load_poster
 from clipposter.ingest.sources import from_folder
 from clipposter.records import PosterRecord
 
