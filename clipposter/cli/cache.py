@@ -1,7 +1,7 @@
 """Commands on whole caches: `cache migrate`, `cache merge` and `cache compact` (sharded caches)."""
 from __future__ import annotations
 
-from clipposter.cli.common import add_json_flag, emit
+from clipposter.cli.common import add_cache_flag, add_json_flag, emit
 
 
 def _shard_rows_flag(p) -> None:
@@ -45,7 +45,7 @@ def register(csub) -> None:
                         description="Convert a format-1 cache (index.sqlite + images.npy) into write-once shards, "
                                     "keeping every id, vector and record. In place unless --out names a new "
                                     "folder; a run killed half way leaves the old cache usable.")
-    q.add_argument("cache", metavar="CACHE", help="the cache to convert")
+    add_cache_flag(q, help="the format-1 cache to convert")
     q.add_argument("--out", metavar="DIR", default=None, help="write the sharded cache here instead (a new folder)")
     _shard_rows_flag(q)
     add_json_flag(q)
@@ -63,7 +63,7 @@ def register(csub) -> None:
     q = csub.add_parser("compact", help="rewrite a sharded cache's many small shards as few",
                         description="Rewrite the shards of CACHE as few, each poster once; writers may go on "
                                     "appending meanwhile.")
-    q.add_argument("cache", metavar="CACHE", help="the sharded cache")
+    add_cache_flag(q, help="the sharded cache")
     _shard_rows_flag(q)
     add_json_flag(q)
     q.set_defaults(func=cmd_cache_compact)

@@ -182,7 +182,7 @@ def merge(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
         meta = _read_meta(src)
         if not sf.is_sharded(meta):
             raise ClipposterError(f"{src} is a cache of format {meta.get('format_version')}; convert it first with "
-                                  f"`clipposter cache migrate {src}`")
+                                  f"`clipposter cache migrate --cache {src}`")
         caches.append(ShardedCache.open(src, mode="r"))
     first = caches[0]
     for cache in caches[1:]:

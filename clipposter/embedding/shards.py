@@ -95,7 +95,7 @@ class ShardedCache:
             raise ClipposterError(f"{root / 'cache.json'}: unreadable cache description ({exc})") from None
         if not sf.is_sharded(meta):
             raise ClipposterError(f"{root}: cache format {meta.get('format_version')} is not sharded; convert it "
-                                  f"with `clipposter cache migrate {root}`")
+                                  f"with `clipposter cache migrate --cache {root}`")
         return cls(root, identity, meta["dtype"], meta.get("backbone_spec"), mode=mode)
 
     @property

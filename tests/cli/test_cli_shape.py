@@ -60,7 +60,8 @@ def test_every_command_has_json_and_the_shared_flags_mean_one_thing():
     found = leaves()
     assert set(found) == {"embed", "cache info", "synth", "download", "train genres", "train captions",
                           "train backbone", "evaluate genres", "evaluate captions", "predict", "caption", "search", "duplicates",
-                          "report", "app", "demo", "export wds"}
+                          "report", "app", "demo", "export wds",
+                          "cache migrate", "cache merge", "cache compact"}
     for name, leaf in found.items():
         opts = options(leaf)
         assert "--json" in opts, f"{name} lacks --json"
@@ -74,7 +75,7 @@ def test_every_command_has_json_and_the_shared_flags_mean_one_thing():
         assert "--report" not in opts, name
     # the commands on a cache take it as --cache (no positional)
     for name in ("embed", "cache info", "train genres", "train captions", "evaluate genres", "evaluate captions",
-                 "search", "duplicates"):
+                 "search", "duplicates", "cache migrate", "cache compact"):
         assert options(found[name])["--cache"].required, name
     for name in ("train genres", "train captions", "train backbone", "synth", "download", "demo"):
         assert "--out" in options(found[name]), name
