@@ -6,7 +6,7 @@ from pathlib import Path
 from clipposter.cli import cache as cache_commands
 from clipposter.cli.common import (add_backbone_args, add_cache_flag, add_json_flag, add_source_args, backbone_from_args,
                                    emit, load_records, pretrained_value, warn)
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 
 
 def cmd_embed(args) -> int:
@@ -22,10 +22,15 @@ def cmd_embed(args) -> int:
     if EmbeddingCache.exists(args.cache):
         # The backbone the cache was made with, loaded only if some poster or text is new.
         cache = EmbeddingCache.open(args.cache)
+        if args.dtype is not None and args.dtype != cache.dtype:
+            cache.close()
+            raise ConfigError("dtype", f"is {args.dtype}, but the cache {cache.root} stores {cache.dtype}; leave it out "
+                              f"(the cache's type is kept) or embed into a new cache")
         backbone = cache_backbone(cache, args)
     else:
         backbone = backbone_from_args(args)
-        cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype, backbone_spec=backbone.spec)
+        cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype or "float16",
+                                    backbone_spec=backbone.spec)
     if args.engine == "ray":
         from clipposter.embedding.ray_engine import embed_records_ray
 
@@ -190,7 +195,8 @@ def register(sub) -> None:
                    help="where JPEGs are decoded: cpu (Pillow, the default), gpu (in batches on the CUDA device, "
                         "the rest on the CPU; embeddings close to, not equal to, cpu's) or auto (gpu when the "
                         "backbone runs on one)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding type")
+    p.add_argument("--dtype", default=None, choices=["float16", "float32"],
+                   help="stored embedding type of a new cache (default float16); an existing cache keeps its own")
     g = p.add_argument_group("engine")
     g.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process (default); ray: decode in Ray tasks and encode in a pool of Ray "

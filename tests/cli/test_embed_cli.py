@@ -91,6 +91,23 @@ def test_a_different_backbone_for_an_existing_cache_is_one_line(embedded, capsys
     assert loads == []
 
 
+def test_another_dtype_for_an_existing_cache_is_one_line_and_the_stored_one_is_kept(embedded, tmp_path, capsys,
+                                                                                   synthetic_set, monkeypatch):
+    manifest = subset_manifest(tmp_path / "more.csv", synthetic_set, 0, 25)
+    loads = forbid_loading(monkeypatch)
+    code, _, err = run_cli(capsys, "embed", manifest, "--cache", embedded, "--dtype", "float32")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--dtype" in lines[0] and "float16" in lines[0], err
+    assert loads == []
+    with EmbeddingCache.open(embedded, mode="r") as cache:
+        assert (cache.dtype, cache.num_posters) == ("float16", 20)  # nothing was added in another type
+    # naming the stored type, or none, adds to the cache as before
+    monkeypatch.undo()
+    code, out, err = run_cli(capsys, "embed", manifest, "--cache", embedded, "--dtype", "float16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cache"]["posters"] == 25
+
+
 @pytest.mark.parametrize("flags", ["none", "tiny"])
 def test_fully_cached_rerun_loads_no_model(embedded, tmp_path, capsys, synthetic_set, tiny_checkpoint,
                                            monkeypatch, flags):
