@@ -186,6 +186,11 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
         if concurrency is None:
             concurrency = (max(1, int(resources.get("GPU", 0) // gpus)) if gpus
                            else max(1, int(resources.get("CPU", 1)) // 2))
+        # Ray's CPUs are slots: actors holding them all would leave the decode tasks none, and the job
+        # would wait forever. One decode slot stays free; the encoders share what remains.
+        cpus = float(resources.get("CPU", 1))
+        decode_cpus = min(1.0, cpus / 2)
+        encoder_cpus = min(1.0, (cpus - decode_cpus) / concurrency)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's own bar counts committed posters
         ctx.print_on_execution_start = False
@@ -197,11 +202,11 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
         # and pixels. That reservation also keeps the stages apart: Ray fuses map stages whose remote
         # arguments agree, which would put decoding inside the encoder actors, serial with the model.
         decode_memory = batch_size * (3 * identity.image_size ** 2 * 4 + _DECODED_POSTER_BYTES)
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=1, memory=decode_memory,
+        ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=decode_cpus, memory=decode_memory,
                             fn_kwargs={"identity": identity.to_dict(), "max_pixels": max_pixels,
                                        "max_bytes": max_bytes})
         ds = ds.map_batches(PosterEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                            num_cpus=1, num_gpus=gpus,
+                            num_cpus=encoder_cpus, num_gpus=gpus,
                             fn_constructor_kwargs={"identity": identity.to_dict(), "spec": spec,
                                                    "pretrained": pretrained,
                                                    "device": ("cuda" if gpus else "cpu") if device == "auto" else device,

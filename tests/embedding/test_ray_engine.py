@@ -192,7 +192,7 @@ def committed_posters(cache_dir) -> int:
 def test_a_killed_ray_job_resumes_to_the_local_engines_cache(tmp_path, tiny_checkpoint, tiny_backbone, ray_cluster,
                                                             capsys):
     src = tmp_path / "posters"
-    records = generate_posters(src, n=240, seed=21)
+    records = generate_posters(src, n=160, seed=21)
     cache_dir = tmp_path / "cache"
     args = ["embed", str(src / "manifest.csv"), "--cache", str(cache_dir), *tiny_args(tiny_checkpoint),
             "--engine", "ray", "--batch-size", "4", "--no-texts", "--json"]
