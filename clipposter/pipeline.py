@@ -430,8 +430,8 @@ def format_demo(result: DemoResult) -> str:
                  f"{emb.get('skipped', 0)} skipped; backbone {s['backbone']['backbone']}; LM {s['lm']['lm']}")
     b = s.get("backbone", {})
     if "trained_in" in b:
-        how = f"trained now in {b['trained_seconds']:.0f} s" if b["trained_now"] else "reused"
-        lines.append(f"offline backbone: {how} from {b['trained_in']}")
+        how = f"trained in {b['trained_seconds']:.0f} s, kept in" if b["trained_now"] else "reused from"
+        lines.append(f"offline backbone: {how} {b['trained_in']}")
     g = s.get("genre_eval", {})
     if g:
         lines.append(f"genres ({g['split']}): micro-F1 {g.get('head_micro_f1')} (image-blind constant "
