@@ -179,12 +179,12 @@ def test_cache_keeps_every_committed_row_once_through_kills_and_reopens(ops, dty
     model = CacheModel(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "c0"
-        cache = EmbeddingCache.open(root, _identity(), dtype=dtype)
+        cache = EmbeddingCache.open_v1(root, _identity(), dtype=dtype)
         try:
             for step, op in enumerate(ops):
                 if op[0] == "reopen":
                     cache.close()
-                    cache = EmbeddingCache.open(root, _identity())
+                    cache = EmbeddingCache.open_v1(root, _identity())
                 elif op[0] == "kill":
                     _, write, phase, fraction = op
                     matrix = "images.npy" if write[0] == "append" else "texts.npy"
@@ -198,7 +198,7 @@ def test_cache_keeps_every_committed_row_once_through_kills_and_reopens(ops, dty
                     files, committed = _killed_files(before, after, matrix, phase, fraction)
                     root = Path(tmp) / f"c{step + 1}"
                     _write_files(root, files)
-                    cache = EmbeddingCache.open(root, _identity())
+                    cache = EmbeddingCache.open_v1(root, _identity())
                     if committed:
                         model = trial
                 else:
@@ -216,7 +216,7 @@ def test_killed_write_model_matches_a_real_torn_tail():
     `rows` kill drops the write and a `header` kill keeps it (guards the helper, not the cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "c"
-        with EmbeddingCache.open(root, _identity()) as cache:
+        with EmbeddingCache.open_v1(root, _identity()) as cache:
             cache.add_posters(["a"], _rows(0, 1))
             before = _files(root)
             cache.add_posters(["b", "c"], _rows(1, 2))

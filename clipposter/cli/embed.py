@@ -22,6 +22,9 @@ def cmd_embed(args) -> int:
     if EmbeddingCache.exists(args.cache):
         # The backbone the cache was made with, loaded only if some poster or text is new.
         cache = EmbeddingCache.open(args.cache)
+        if not cache.writable:  # a v1 cache: read-only until migrated
+            cache.close()
+            cache.require_writable("embed into it")
         if args.dtype is not None and args.dtype != cache.dtype:
             cache.close()
             raise ConfigError("dtype", f"is {args.dtype}, but the cache {cache.root} stores {cache.dtype}; leave it out "

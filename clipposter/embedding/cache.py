@@ -38,7 +38,7 @@ import numpy as np
 from clipposter.embedding.cache_matrix import Matrix, write_failure
 from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
 from clipposter.embedding.identity import BackboneIdentity
-from clipposter.embedding.shards import FORMAT_VERSION as SHARDED_VERSION, ShardedCache
+from clipposter.embedding.shards import FORMAT_VERSION as SHARDED_VERSION, ShardedCache, create_meta
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import directory_lock, write_json
 from clipposter.records import PosterRecord
@@ -121,10 +121,12 @@ class EmbeddingCache:
     """
 
     def __init__(self, root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None = None,
-                 mode: str = "a"):
+                 mode: str = "a", *, migrate_to_write: bool = False):
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
         self.root = root
+        # Opened through `open`, a v1 cache is read-only for good: writing means migrating it first.
+        self._migrate_to_write = migrate_to_write
         self.backbone_spec = backbone_spec  # how to load the backbone again (see Backbone.spec)
         self.identity = identity
         self.dtype = dtype
@@ -214,11 +216,13 @@ class EmbeddingCache:
     def open(cls, root: str | os.PathLike, identity: BackboneIdentity | None = None,
              dtype: str = "float16", backbone_spec: dict | None = None, *,
              mode: str = "a") -> "EmbeddingCache | ShardedCache":
-        """Open (with `mode="a"` and an identity: create) the cache in `root`. A sharded cache (format 2,
-        see shards.py) opens as a ShardedCache, which has the same methods.
+        """Open (with `mode="a"` and an identity: create) the cache in `root`. New caches are sharded
+        (format 2, see shards.py) and open as a ShardedCache, which has the same methods. A cache of format
+        1 (this class) opens read-only whatever `mode`: adding to it is refused with the command that
+        migrates it.
 
-        mode: "a" to add posters and texts (repairs what a killed writer left), "r" to read only (writes
-        nothing; texts it lacks are encoded but not stored)."""
+        mode: "a" to add posters and texts, "r" to read only (writes nothing; texts it lacks are encoded
+        but not stored)."""
         root = Path(root)
         meta_path = root / "cache.json"
         if dtype not in DTYPES:
@@ -239,7 +243,7 @@ class EmbeddingCache:
                 identity.check_same(stored, f"the cache {root}")
             if meta["format_version"] == SHARDED_VERSION:
                 return ShardedCache(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
-            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode="r", migrate_to_write=True)
         present = [name for name in _FILES if (root / name).exists()]
         if present:  # the backbone of these embeddings is unknown: never let another one adopt them
             raise ClipposterError(f"{root}: holds cache files ({', '.join(present)}) but no cache.json, so the "
@@ -248,6 +252,33 @@ class EmbeddingCache:
         if identity is None or mode == "r":
             raise ClipposterError(f"{root}: no clipposter cache here (no cache.json); "
                                   f"create one with `clipposter embed SOURCE --cache {root}`")
+        create_meta(root, identity, dtype, backbone_spec)
+        return ShardedCache(root, identity, dtype, backbone_spec, mode=mode)
+
+    @classmethod
+    def open_v1(cls, root: str | os.PathLike, identity: BackboneIdentity | None = None, dtype: str = "float16",
+                backbone_spec: dict | None = None, *, mode: str = "a") -> "EmbeddingCache":
+        """Open (with an identity: create) a cache of format 1 for writing or reading. New caches are
+        sharded; this writer is kept to build v1 caches for `cache migrate` and for checking that v1
+        caches stay readable."""
+        root = Path(root)
+        meta_path = root / "cache.json"
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+                stored = BackboneIdentity.from_dict(meta["backbone"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ClipposterError(f"{meta_path}: unreadable cache description ({exc})") from None
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ClipposterError(f"{meta_path}: cache format {meta.get('format_version')} is not "
+                                      f"{FORMAT_VERSION}")
+            if identity is not None:
+                identity.check_same(stored, f"the cache {root}")
+            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+        if identity is None or mode == "r":
+            raise ClipposterError(f"{root}: no clipposter cache here (no cache.json)")
         root.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
                 "backbone_spec": backbone_spec}
@@ -295,7 +326,10 @@ class EmbeddingCache:
             out.extend(self._fetch(query.format(",".join("?" * len(chunk))), chunk))
         return out
 
-    def _require_writable(self, what: str) -> None:
+    def require_writable(self, what: str) -> None:
+        if self._migrate_to_write:
+            raise ClipposterError(f"the cache {self.root} is of format {FORMAT_VERSION}, which is read-only: convert "
+                                  f"it with `clipposter cache migrate --cache {self.root}` to {what}")
         if not self.writable:
             raise ClipposterError(f"the cache {self.root} is open read-only; open it with `mode` \"a\" to {what}")
 
@@ -368,7 +402,7 @@ class EmbeddingCache:
         """
         if len(hashes) != len(embeddings):
             raise ValueError("one embedding per hash")
-        self._require_writable("add posters")
+        self.require_writable("add posters")
         with directory_lock(self.root):
             known = self.known_hashes(hashes)
             keep = [i for i, h in enumerate(hashes) if h not in known]
@@ -387,7 +421,7 @@ class EmbeddingCache:
 
     def upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
         """Store or refresh the metadata of posters whose embeddings are already cached."""
-        self._require_writable("store records")
+        self.require_writable("store records")
         with directory_lock(self.root), self._write_errors("its records as they were"):
             self._db.execute("BEGIN IMMEDIATE")
             try:

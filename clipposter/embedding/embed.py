@@ -28,6 +28,10 @@ from clipposter.errors import ClipposterError, ConfigError, PosterError
 from clipposter.ingest.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, content_hash, load_poster, read_bytes
 from clipposter.records import PosterRecord
 
+# Posters encoded before they are written to the cache as one shard (and at the end of a run): a
+# killed run loses at most this many encoded posters, which the next run encodes again.
+FLUSH_ROWS = 8192
+
 if TYPE_CHECKING:  # torch is imported where posters are encoded: a fully cached run never loads it
     import torch
 
@@ -262,22 +266,36 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     encode_started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
+    encoded: list[tuple[list[str], np.ndarray]] = []  # encoded batches not yet written
+
+    def store() -> None:
+        if encoded:
+            plan.store(cache, [h for hs, _ in encoded for h in hs], np.concatenate([e for _, e in encoded]))
+            encoded.clear()
+
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
         emb = model.encode_image_tensors(torch.stack([t for _, t in batch]))
-        plan.store(cache, [h for h, _ in batch], emb)
+        encoded.append(([h for h, _ in batch], np.asarray(emb)))
         bar.update(len(batch))  # the bar's rate is posters/s
+        if sum(len(hs) for hs, _ in encoded) >= FLUSH_ROWS:
+            store()
 
     batch: list[tuple[str, torch.Tensor]] = []
-    for h, path, result in decoded:
-        if isinstance(result, PosterError):
-            plan.fail(h, path, str(result))
-            continue
-        batch.append((h, result))
-        if len(batch) == batch_size:
+    try:
+        for h, path, result in decoded:
+            if isinstance(result, PosterError):
+                plan.fail(h, path, str(result))  # raises with `strict`: what was encoded is still written
+                continue
+            batch.append((h, result))
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
             flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
+    except ClipposterError:
+        store()
+        raise
+    store()
     bar.close()
     summary.decode_fallbacks = decoder.stats.fallback if decoder is not None else 0
     summary.encode_seconds = time.perf_counter() - encode_started

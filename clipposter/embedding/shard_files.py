@@ -328,6 +328,20 @@ def _load_npy(root: Path, entry: ShardEntry, file: str, shape: tuple, dtype: np.
     return array
 
 
+def read_rows(root: Path, entry: ShardEntry, start: int, stop: int, fallback: np.ndarray) -> np.ndarray:
+    """A copy of rows start..stop of a shard's images.npy through a map of its own, released on return, so
+    a scan of every shard keeps one chunk resident, not the files. A shard removed since it was opened
+    (a compaction) is read through `fallback`, the reader's own map of it."""
+    try:
+        mapped = np.load(root / SHARDS / entry.name / "images.npy", mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        return np.array(fallback[start:stop])
+    try:
+        return np.array(mapped[start:stop])
+    finally:
+        del mapped
+
+
 def _load_table(root: Path, entry: ShardEntry, file: str, rows: int) -> dict[str, list]:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -8,8 +8,9 @@ additions at once.
 
 Rows are numbered across shards in index order: shard 0's rows first, then shard 1's. A content hash
 in two shards (two writers that embedded the same poster at once) keeps its first row; a poster id in
-two shards keeps its last record, as an upsert would. Every add writes one new shard, so `embed` into
-a sharded cache leaves one shard per batch; `clipposter cache compact` rewrites them as one.
+two shards keeps its last record, as an upsert would. Every add writes one new shard: `embed` buffers
+its batches and adds them a few thousand at a time, the Ray engine adds one shard per block, and
+`clipposter cache compact` rewrites many shards as few.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 from clipposter.embedding import shard_files as sf
 from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
 from clipposter.embedding.identity import BackboneIdentity
+from clipposter.embedding.shard_rows import ShardedRows, gather
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import write_json
 from clipposter.records import PosterRecord
@@ -45,20 +47,6 @@ def create_meta(root: Path, identity: BackboneIdentity, dtype: str, backbone_spe
     except OSError as exc:
         raise ClipposterError(f"cannot write {root / 'cache.json'}: {exc.strerror or exc} (nothing was "
                               f"created)") from None
-
-
-def _gather(parts: Sequence[np.ndarray], starts: np.ndarray, rows: np.ndarray, shape: tuple,
-            dtype) -> np.ndarray:
-    """Rows (global numbers) of the concatenation of `parts` (starting at `starts`), without concatenating."""
-    out = np.empty((len(rows), *shape), dtype)
-    if len(parts) == 1:
-        out[:] = parts[0][rows]
-        return out
-    which = np.searchsorted(starts, rows, side="right") - 1
-    for s in np.unique(which):
-        mask = which == s
-        out[mask] = parts[s][rows[mask] - starts[s]]
-    return out
 
 
 class ShardedCache:
@@ -167,7 +155,7 @@ class ShardedCache:
                 self._load()
                 return
 
-    def _require_writable(self, what: str) -> None:
+    def require_writable(self, what: str) -> None:
         if not self.writable:
             raise ClipposterError(f"the cache {self.root} is open read-only; open it with `mode` \"a\" to {what}")
 
@@ -207,7 +195,7 @@ class ShardedCache:
         `tokens`: optional (len(hashes), T, W) token sequences, kept for the new posters. Returns rows added."""
         if len(hashes) != len(embeddings) or (tokens is not None and len(tokens) != len(hashes)):
             raise ValueError("one embedding (and token sequence) per hash")
-        self._require_writable("add posters")
+        self.require_writable("add posters")
         seen: set[str] = set()
         keep = [i for i, h in enumerate(hashes) if h not in self._poster_row and not (h in seen or seen.add(h))]
         if not keep and not records:
@@ -222,7 +210,7 @@ class ShardedCache:
 
     def upsert_records(self, records: Sequence[tuple[PosterRecord, str]]) -> None:
         """Store or refresh the metadata of posters (a shard of records only)."""
-        self._require_writable("store records")
+        self.require_writable("store records")
         if records:
             self._append(records=self._record_rows(records))
 
@@ -251,16 +239,33 @@ class ShardedCache:
             self._sorted_ids = sorted(self._records)
         return self._sorted_ids
 
-    def image_matrix(self) -> np.ndarray:
+    def image_matrix(self) -> "np.ndarray | ShardedRows":
         """Every stored poster row, (rows, D), in the stored dtype: the shard's memory map when there is
-        one shard, else a copy of their rows one after another."""
+        one shard, else a view over their maps that reads only the rows it is asked for (shard_rows.py)."""
         if self._matrix is None:
             parts = [s.images for s in self._shards if len(s.images)]
             if not parts:
                 self._matrix = np.zeros((0, self.dim), self._np_dtype)
             else:
-                self._matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                self._matrix = parts[0] if len(parts) == 1 else ShardedRows(parts, self.dim, self._np_dtype)
         return self._matrix
+
+    def iter_embeddings(self, chunk_rows: int = 65_536, start: int = 0,
+                        stop: int | None = None):
+        """(first row, rows in the stored dtype) for rows start..stop, `chunk_rows` at a time. Each chunk is
+        copied out of maps released before the next, so a scan keeps one chunk resident, not the shards."""
+        stop = self._rows if stop is None else stop
+        starts = self._poster_starts + [self._rows]
+        for s in range(start, stop, max(1, int(chunk_rows))):
+            end = min(stop, s + int(chunk_rows))
+            pieces = []
+            for n, shard in enumerate(self._shards):
+                lo, hi = max(s, starts[n]), min(end, starts[n + 1])
+                if lo < hi:
+                    pieces.append(sf.read_rows(self.root, shard.entry, lo - starts[n], hi - starts[n],
+                                               shard.images))
+            yield s, (pieces[0] if len(pieces) == 1 else
+                      np.concatenate(pieces) if pieces else np.zeros((0, self.dim), self._np_dtype))
 
     def poster_hashes(self) -> list[str]:
         """The content hash of every stored row, in row order (a hash stored twice: its later row too)."""
@@ -316,7 +321,7 @@ class ShardedCache:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self._rows):
             raise IndexError(f"row out of range for a cache of {self._rows} rows")
-        return _gather([s.images for s in self._shards], np.asarray(self._poster_starts), rows, (self.dim,), dtype)
+        return gather([s.images for s in self._shards], np.asarray(self._poster_starts), rows, (self.dim,), dtype)
 
     def embeddings_for_ids(self, ids: Sequence[str], dtype=np.float32) -> np.ndarray:
         return self.embeddings_for_rows(self.rows_for_ids(ids), dtype)
@@ -347,7 +352,7 @@ class ShardedCache:
         if shape is None:
             raise ClipposterError(f"the cache {self.root} does not store token sequences for all its posters; "
                                   f"embed them with tokens into a new cache")
-        return _gather([s.tokens for s in self._shards], np.asarray(self._poster_starts), rows, shape,
+        return gather([s.tokens for s in self._shards], np.asarray(self._poster_starts), rows, shape,
                        self._np_dtype)
 
     # ----- texts ---------------------------------------------------------------------------------
@@ -378,7 +383,7 @@ class ShardedCache:
         stored = [n for n, k in enumerate(keys) if k in self._text_row]
         if stored:
             rows = np.asarray([self._text_row[keys[n]] for n in stored], np.int64)
-            out[stored] = _gather([s.texts for s in self._shards], np.asarray(self._text_starts), rows,
+            out[stored] = gather([s.texts for s in self._shards], np.asarray(self._text_starts), rows,
                                   (self.dim,), np.float32)
         for n, k in enumerate(keys):
             if k not in self._text_row:

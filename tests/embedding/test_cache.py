@@ -25,7 +25,7 @@ def rec(i, **kw):
 
 def test_append_and_read_back_as_memmap(tmp_path):
     emb = unit(5)
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         assert c.add_posters([f"h{i}" for i in range(5)], emb, [(rec(i), f"h{i}") for i in range(5)]) == 5
         m = c.image_matrix()
         assert isinstance(m, np.memmap) and m.dtype == np.float16 and m.shape == (5, 8)
@@ -61,12 +61,12 @@ def test_opening_a_non_cache_is_clear_error(tmp_path):
 
 def test_uncommitted_tail_from_a_killed_write_is_cut(tmp_path):
     root = tmp_path / "c"
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["a", "b"], unit(2))
     # A run killed after writing rows but before committing their index leaves bytes past the end.
     with open(root / "images.npy", "ab") as f:
         f.write(b"\x01" * (8 * 2 * 3 + 5))
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         assert c.num_posters == 2
         assert np.load(root / "images.npy").shape == (2, 8)
         c.add_posters(["c"], unit(1, seed=4))
@@ -75,10 +75,10 @@ def test_uncommitted_tail_from_a_killed_write_is_cut(tmp_path):
 
 def test_stale_header_after_commit_is_repaired(tmp_path):
     root = tmp_path / "c"
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["a", "b", "c"], unit(3))
         c._images.set_header(1)  # as if killed between the commit and the header rewrite
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         assert np.load(root / "images.npy").shape == (3, 8)
 
 

@@ -1,4 +1,4 @@
-"""Reading a cache writes nothing: `EmbeddingCache.open(dir, mode="r")` and every command that only reads
+"""Reading a cache writes nothing: `EmbeddingCache.open(dir, mode="r")` on a v1 cache and every command that only reads
 (cache info, search, duplicates, train/evaluate genres, predict from the cache) leave each file of the
 cache byte-identical, with its modification time, and create none (no lock, no -wal/-shm), on a healthy
 cache and on one a killed writer left; a damaged one is refused in one line, still untouched."""
@@ -18,6 +18,7 @@ from clipposter.embedding.backbone import BackboneIdentity
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.errors import ClipposterError
 from clipposter.records import PosterRecord
+from v1_cache import v1_copy
 from clipposter.cli.common import EXIT_ERROR
 from helpers import run_cli, tiny_args
 
@@ -53,14 +54,14 @@ def snapshot(root):
 
 
 def build(root):
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["a", "b", "c"], unit(3), [(PosterRecord(id=f"p{h}", genres=["Drama"]), h) for h in "abc"])
         c.text_embeddings(["one", "two"], backbone=Encoder())
     return root
 
 
 def committed_rows(root):
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         return np.array(c.image_matrix())
 
 
@@ -70,7 +71,7 @@ def _torn_tail(root):
 
 
 def _stale_header(root):
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["d"], unit(1, seed=4))
         c._images.set_header(3)  # killed between the commit and the header rewrite
 
@@ -93,7 +94,7 @@ def _killed_writer(root, write="row = np.ones((1, c.dim), np.float32) / np.sqrt(
             "from clipposter.embedding.cache import EmbeddingCache\n"
             "from clipposter.ingest.images import content_hash, read_bytes\n"
             "from clipposter.records import PosterRecord\n"
-            f"c = EmbeddingCache.open(sys.argv[1])\n{write}os._exit(0)\n")
+            f"c = EmbeddingCache.open_v1(sys.argv[1])\n{write}os._exit(0)\n")
     subprocess.run([sys.executable, "-c", code, str(root)], check=True, timeout=120)
     assert (root / "index.sqlite-wal").stat().st_size > 0
 
@@ -117,7 +118,7 @@ def test_reading_writes_nothing(tmp_path, state):
     # A writer leaves a rollback journal at rest.
     assert wal_mode == (state in ("legacy WAL index", "killed writer"))
     before = snapshot(root)
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         n = 4 if state in ("stale header", "killed writer") else 3
         assert c.num_posters == n and c.image_matrix().shape == (n, 4)
         np.testing.assert_array_equal(c.image_matrix()[:3], unit(3).astype(np.float16))
@@ -130,7 +131,7 @@ def test_reading_writes_nothing(tmp_path, state):
 def test_a_read_only_cache_refuses_writes_and_encodes_texts_without_storing_them(tmp_path):
     root = build(tmp_path / "c")
     before = snapshot(root)
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         with pytest.raises(ClipposterError, match=r"is open read-only; open it with `mode` \"a\" to add posters"):
             c.add_posters(["z"], unit(1))
         with pytest.raises(ClipposterError, match="is open read-only"):
@@ -139,7 +140,7 @@ def test_a_read_only_cache_refuses_writes_and_encodes_texts_without_storing_them
         assert c.num_texts == 2 and c.missing_texts(["three"]) == ["three"]
     assert snapshot(root) == before
     # The same values a writer stores and reads back (rounded to the stored dtype).
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         stored = c.text_embeddings(["one", "three", "two"], backbone=Encoder(seed=7))
     np.testing.assert_array_equal(got, stored)
 
@@ -147,20 +148,20 @@ def test_a_read_only_cache_refuses_writes_and_encodes_texts_without_storing_them
 def test_opening_read_only_an_empty_folder_with_only_cache_json_reads_nothing(tmp_path):
     root = tmp_path / "c"
     root.mkdir()
-    EmbeddingCache.open(root, ident()).close()
+    EmbeddingCache.open_v1(root, ident()).close()
     for name in ("index.sqlite", "images.npy", "texts.npy"):
         (root / name).unlink()
     before = snapshot(root)
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         assert c.num_posters == 0 and c.image_matrix().shape == (0, 4) and c.records() == []
     assert snapshot(root) == before
 
 
 def test_a_reader_sees_what_a_live_writer_commits(tmp_path):
     root = build(tmp_path / "c")
-    with EmbeddingCache.open(root, ident()) as writer:
+    with EmbeddingCache.open_v1(root, ident()) as writer:
         writer.add_posters(["d"], unit(1, seed=5))
-        with EmbeddingCache.open(root, mode="r") as reader:
+        with EmbeddingCache.open_v1(root, mode="r") as reader:
             assert reader.num_posters == 4
             writer.add_posters(["e", "f"], unit(2, seed=6))
             assert reader.num_posters == 6
@@ -181,7 +182,7 @@ def test_a_writer_waits_for_no_reader_and_readers_never_see_a_torn_row(tmp_path)
     def read():
         try:
             while not stop.is_set():
-                with EmbeddingCache.open(root, mode="r") as c:
+                with EmbeddingCache.open_v1(root, mode="r") as c:
                     m = np.array(c.image_matrix())
                     seen.append(len(m))
                     assert np.all(np.isfinite(m)) and np.allclose(np.linalg.norm(m.astype(np.float32), axis=1),
@@ -193,7 +194,7 @@ def test_a_writer_waits_for_no_reader_and_readers_never_see_a_torn_row(tmp_path)
     thread.start()
     try:
         for i in range(15):
-            with EmbeddingCache.open(root, ident()) as c:
+            with EmbeddingCache.open_v1(root, ident()) as c:
                 c.add_posters([f"n{i}"], unit(1, seed=10 + i))
     finally:
         stop.set()
@@ -211,7 +212,7 @@ def test_a_cache_on_a_read_only_folder_can_be_read(tmp_path):
     for p in [root, *root.iterdir()]:
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
-        with EmbeddingCache.open(root, mode="r") as c:
+        with EmbeddingCache.open_v1(root, mode="r") as c:
             assert c.num_posters == 3 and c.text_embeddings(["one"]).shape == (1, 4)
     finally:
         for p in [root, *root.iterdir()]:
@@ -255,8 +256,8 @@ def embedded(tmp_path_factory, tiny_checkpoint, synthetic_set):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    cache = work / "cache"
-    assert main(["embed", str(work / "m.csv"), "--cache", str(cache), "--json", *tiny_args(tiny_checkpoint)]) == 0
+    assert main(["embed", str(work / "m.csv"), "--cache", str(work / "v2"), "--json", *tiny_args(tiny_checkpoint)]) == 0
+    cache = v1_copy(work / "v2", work / "cache")
     assert main(["train", "genres", "--cache", str(cache), "--out", str(work / "head"), "--json", *SMALL_HEAD]) == 0
     assert main(["search", "--cache", str(cache), "--id", rows[0]["id"], "--json"]) == 0
     gc.collect()  # the embed command's connection, if anything still held it
@@ -320,10 +321,10 @@ def test_read_only_commands_refuse_a_damaged_cache_in_one_line(embedded, tmp_pat
 def test_an_index_a_writer_never_gave_tables_opens_as_empty(tmp_path, mode):
     """A writer killed between creating index.sqlite and its tables: nothing was committed."""
     root = tmp_path / "c"
-    EmbeddingCache.open(root, ident()).close()
+    EmbeddingCache.open_v1(root, ident()).close()
     (root / "index.sqlite").unlink()
     sqlite3.connect(root / "index.sqlite").close()  # an empty database file
-    with EmbeddingCache.open(root, mode=mode) as c:
+    with EmbeddingCache.open_v1(root, mode=mode) as c:
         assert c.num_posters == 0 and c.records() == [] and c.text_embeddings([]).shape == (0, 4)
         if mode == "a":
             assert c.add_posters(["a"], unit(1)) == 1
@@ -342,6 +343,6 @@ def test_adding_to_a_cache_in_a_folder_that_cannot_be_written_is_one_line(tmp_pa
     monkeypatch.setattr(cache_module, "directory_lock", refused)
     with pytest.raises(ClipposterError, match=rf"^cannot write into {root} \(Permission denied\): adding to a cache "
                                               r"needs a writable folder; commands that only read work on it as it is$"):
-        EmbeddingCache.open(root, ident())
-    with EmbeddingCache.open(root, mode="r") as c:
+        EmbeddingCache.open_v1(root, ident())
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         assert c.num_posters == 3

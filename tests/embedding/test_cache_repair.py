@@ -49,7 +49,7 @@ def _allow_inserts(root):
 
 def test_a_failed_poster_index_write_rolls_back_and_the_cache_keeps_working(tmp_path):
     root = tmp_path / "c"
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["a"], unit(1), [(PosterRecord(id="pa"), "a")])
         _refuse_inserts(root, "posters")
         with pytest.raises(sqlite3.IntegrityError, match="disk full"):
@@ -58,13 +58,13 @@ def test_a_failed_poster_index_write_rolls_back_and_the_cache_keeps_working(tmp_
         _allow_inserts(root)
         assert c.add_posters(["b"], unit(1, seed=2), [(PosterRecord(id="pb"), "b")]) == 1
         np.testing.assert_array_equal(c.image_matrix()[1], unit(1, seed=2)[0].astype(np.float16))
-    with EmbeddingCache.open(root) as c:
+    with EmbeddingCache.open_v1(root) as c:
         assert c.num_posters == 2 and np.load(root / "images.npy").shape == (2, 4)
 
 
 def test_a_failed_text_index_write_rolls_back_and_the_cache_keeps_working(tmp_path):
     root = tmp_path / "c"
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         enc = Encoder(ident())
         _refuse_inserts(root, "texts")
         with pytest.raises(sqlite3.IntegrityError, match="disk full"):
@@ -73,25 +73,25 @@ def test_a_failed_text_index_write_rolls_back_and_the_cache_keeps_working(tmp_pa
         _allow_inserts(root)
         got = c.text_embeddings(["a horror poster", "a comedy poster"], backbone=enc)
         assert c.num_texts == 2 and got.shape == (2, 4)
-    with EmbeddingCache.open(root) as c:
+    with EmbeddingCache.open_v1(root) as c:
         np.testing.assert_array_equal(c.text_embeddings(["a horror poster", "a comedy poster"]), got)
 
 
 def test_a_matrix_shorter_than_its_index_is_refused_not_cut(tmp_path):
     root = tmp_path / "c"
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters(["a", "b"], unit(2))
     with open(root / "images.npy", "r+b") as f:
         f.truncate(128 + 4 * 2 + 3)  # one committed row and part of the next lost
     size = (root / "images.npy").stat().st_size
     with pytest.raises(ClipposterError, match=r"images\.npy: holds fewer rows than its index records "
                                               r"\(139 bytes, 2 rows expected\); the cache is damaged"):
-        EmbeddingCache.open(root)
+        EmbeddingCache.open_v1(root)
     assert (root / "images.npy").stat().st_size == size  # nothing was cut
 
 
 def test_text_encoding_passes_its_batch_size(tmp_path):
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         enc = Encoder(ident())
         c.text_embeddings(["a"], backbone=enc)
         c.text_embeddings(["b"], backbone=enc, batch_size=7)
@@ -99,27 +99,27 @@ def test_text_encoding_passes_its_batch_size(tmp_path):
 
 
 def test_text_encoder_of_another_backbone_names_the_cache(tmp_path):
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         with pytest.raises(ClipposterError, match=f"the cache {tmp_path / 'c'}"):
             c.text_embeddings(["x"], backbone=Encoder(ident(weights="other")))
 
 
 def test_hashes_and_embeddings_must_pair_up(tmp_path):
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         with pytest.raises(ValueError, match="^one embedding per hash$"):
             c.add_posters(["a", "b"], unit(1))
         assert c.num_posters == 0 and (tmp_path / "c" / "images.npy").stat().st_size == 128
 
 
 def test_embeddings_of_another_width_are_refused_before_anything_is_written(tmp_path):
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         with pytest.raises(ValueError, match=r"^expected rows of width 4, got shape \(2, 3\)$"):
             c.add_posters(["a", "b"], np.ones((2, 3), np.float32))
         assert c.num_posters == 0 and (tmp_path / "c" / "images.npy").stat().st_size == 128
 
 
 def test_text_embeddings_are_float32_whatever_the_stored_dtype(tmp_path):
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:  # float16 on disk
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:  # float16 on disk
         got = c.text_embeddings(["a", "b"], backbone=Encoder(ident()))
         assert got.dtype == np.float32 and got.shape == (2, 4)
         none = c.text_embeddings([])
@@ -136,7 +136,7 @@ def snapshot(root):
 
 
 def filled(root, n=50, texts=3):
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         for start in range(0, n, 10):
             hashes = [f"h{i}" for i in range(start, min(n, start + 10))]
             c.add_posters(hashes, unit(len(hashes), seed=start), [(PosterRecord(id=f"p{h}"), h) for h in hashes])
@@ -153,7 +153,7 @@ def test_a_deleted_index_is_refused_and_the_embeddings_are_kept(tmp_path, mode):
     before = snapshot(root)
     with pytest.raises(ClipposterError, match=r"^index\.sqlite is missing or older than images\.npy: .*images\.npy "
                                               r"holds 50 rows, the index 0; .*re-embed into a new cache"):
-        EmbeddingCache.open(root, mode=mode)
+        EmbeddingCache.open_v1(root, mode=mode)
     assert snapshot(root) == before  # nothing cut, nothing created (no index, no lock)
 
 
@@ -162,13 +162,13 @@ def test_an_index_older_than_the_matrix_is_refused(tmp_path, mode):
     """A copy of the cache taken without its -wal file: the index lost its last commits."""
     root = filled(tmp_path / "c", n=20)
     old_index = (root / "index.sqlite").read_bytes()
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         c.add_posters([f"n{i}" for i in range(30)], unit(30, seed=9))
     (root / "index.sqlite").write_bytes(old_index)
     before = snapshot(root)
     with pytest.raises(ClipposterError, match=r"index\.sqlite is missing or older than images\.npy: .* holds 50 "
                                               r"rows, the index 20"):
-        EmbeddingCache.open(root, mode=mode)
+        EmbeddingCache.open_v1(root, mode=mode)
     assert snapshot(root) == before
 
 
@@ -180,7 +180,7 @@ def test_a_tail_longer_than_one_append_is_not_cut(tmp_path):
         f.write(b"\x01" * (APPEND_ROWS * 4 * 2 + 2))
     before = snapshot(root)
     with pytest.raises(ClipposterError, match=r"images\.npy holds .* bytes past its 2 committed rows"):
-        EmbeddingCache.open(root, ident())
+        EmbeddingCache.open_v1(root, ident())
     assert snapshot(root) == before
 
 
@@ -190,7 +190,7 @@ def test_a_tail_of_one_append_is_cut(tmp_path):
     root = filled(tmp_path / "c", n=2, texts=0)
     with open(root / "images.npy", "ab") as f:
         f.write(b"\x01" * (APPEND_ROWS * 4 * 2))
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         assert c.num_posters == 2
     assert (root / "images.npy").stat().st_size == 128 + 2 * 4 * 2
 
@@ -199,7 +199,7 @@ def test_big_appends_are_committed_in_steps_of_at_most_one_append(tmp_path, monk
     import clipposter.embedding.cache as cache_module
 
     monkeypatch.setattr(cache_module, "APPEND_ROWS", 4)
-    with EmbeddingCache.open(tmp_path / "c", ident()) as c:
+    with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
         emb = unit(11, seed=3)
         hashes = [f"h{i}" for i in range(11)]
         assert c.add_posters(hashes + ["h3"], np.concatenate([emb, emb[3:4]]),
@@ -220,7 +220,7 @@ def test_a_matrix_header_ahead_of_its_rows_is_refused(tmp_path, mode):
         f.truncate(128 + 4 * 2 * 5 - 3)
     before = snapshot(root)
     with pytest.raises(ClipposterError, match="holds fewer rows than its index records"):
-        EmbeddingCache.open(root, mode=mode)
+        EmbeddingCache.open_v1(root, mode=mode)
     assert snapshot(root) == before
 
 
@@ -231,7 +231,7 @@ def test_a_garbled_matrix_header_is_one_line(tmp_path, mode):
         f.write(b"not a numpy file")
     before = snapshot(root)
     with pytest.raises(ClipposterError, match=r"images\.npy: not a readable \.npy matrix"):
-        EmbeddingCache.open(root, mode=mode)
+        EmbeddingCache.open_v1(root, mode=mode)
     assert snapshot(root) == before
 
 
@@ -264,7 +264,7 @@ def test_an_index_with_a_garbage_header_is_one_line(tmp_path, mode):
         f.write(b"garbage garbage garbage garbage!")
     with pytest.raises(ClipposterError, match=rf"^index\.sqlite in {root} is not a readable SQLite database "
                                               r"\(file is not a database\): restore it or re-embed into a new cache$"):
-        EmbeddingCache.open(root, mode=mode)
+        EmbeddingCache.open_v1(root, mode=mode)
 
 
 def _damage_table_pages(path):
@@ -285,7 +285,7 @@ def test_an_index_with_a_damaged_page_is_one_line(tmp_path, mode):
     _damage_table_pages(root / "index.sqlite")
     with pytest.raises(ClipposterError, match=rf"^index\.sqlite in {root} is not a readable SQLite database "
                                               r"\(.*\): restore it or re-embed into a new cache$"):
-        with EmbeddingCache.open(root, mode=mode) as c:
+        with EmbeddingCache.open_v1(root, mode=mode) as c:
             c.records()
 
 
@@ -296,7 +296,7 @@ def _fill_the_index(c):
 
 def test_a_full_disk_while_committing_posters_is_one_line_and_the_cache_keeps_its_rows(tmp_path):
     root = filled(tmp_path / "c", n=5, texts=0)
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         before = np.array(c.image_matrix())
         _fill_the_index(c)
         many = [f"{i:064x}" for i in range(400)]
@@ -304,7 +304,7 @@ def test_a_full_disk_while_committing_posters_is_one_line_and_the_cache_keeps_it
             c.add_posters(many, unit(400, seed=1), [(PosterRecord(id=h), h) for h in many])
         assert c.num_posters == 5
         np.testing.assert_array_equal(c.image_matrix(), before)
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         assert c.num_posters == 5 and sorted(r.id for r in c.records()) == [f"ph{i}" for i in range(5)]
         np.testing.assert_array_equal(c.image_matrix(), before)
     assert (root / "images.npy").stat().st_size == 128 + 5 * 4 * 2
@@ -312,12 +312,12 @@ def test_a_full_disk_while_committing_posters_is_one_line_and_the_cache_keeps_it
 
 def test_a_full_disk_while_committing_texts_is_one_line(tmp_path):
     root = filled(tmp_path / "c", n=2, texts=2)
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         _fill_the_index(c)
         with pytest.raises(ClipposterError, match=rf"^disk full while writing {root}"):
             c.text_embeddings([f"a long text number {i} " * 10 for i in range(300)], backbone=Encoder(ident()))
         assert c.num_texts == 2
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         assert c.text_embeddings(["text 0", "text 1"]).shape == (2, 4)
 
 
@@ -333,7 +333,7 @@ def test_a_full_disk_while_writing_rows_is_one_line_and_leaves_no_tail(tmp_path,
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with EmbeddingCache.open(root, ident()) as c:
+    with EmbeddingCache.open_v1(root, ident()) as c:
         monkeypatch.setattr(os, "fsync", full)
         with pytest.raises(ClipposterError, match=rf"^disk full while writing {root}: .*No space left on device"):
             if matrix == "images":
@@ -344,5 +344,5 @@ def test_a_full_disk_while_writing_rows_is_one_line_and_leaves_no_tail(tmp_path,
         assert {n: (root / f"{n}.npy").stat().st_size for n in ("images", "texts")} == sizes
         assert c.num_posters == 5 and c.num_texts == 2 and "new" not in {r.id for r in c.records()}
         assert c.add_posters(["new"], unit(1, seed=6)) == 1  # the cache keeps working once there is room
-    with EmbeddingCache.open(root, mode="r") as c:
+    with EmbeddingCache.open_v1(root, mode="r") as c:
         assert c.num_posters == 6

@@ -49,7 +49,7 @@ def test_posters_read_back_by_id_split_and_hash_bit_exact(tmp_path):
         stored = emb.astype(np.float16)
         got = reader.embeddings_for_ids(["p5", "p0", "p3"], dtype=np.float16)
         assert got.tobytes() == stored[[5, 0, 3]].tobytes()
-        assert reader.image_matrix().tobytes() == stored.tobytes()
+        assert np.asarray(reader.image_matrix()).tobytes() == stored.tobytes()
         assert reader.embedding_for_hash("h4").astype(np.float16).tobytes() == stored[4].tobytes()
         assert reader.embedding_for_hash("nope") is None
         assert reader.rows_for_hashes(["h5", "h1", "zz"]) == {"h5": 5, "h1": 1}

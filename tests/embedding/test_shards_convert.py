@@ -20,7 +20,7 @@ class Encoder:
 
 
 def v1_cache(root, n=7):
-    with EmbeddingCache.open(root, ident(), backbone_spec={"kind": "v1"}) as c:
+    with EmbeddingCache.open_v1(root, ident(), backbone_spec={"kind": "v1"}) as c:
         c.add_posters([f"h{i}" for i in range(n)], unit(n), [(rec(i, tagline=f"t{i}"), f"h{i}") for i in range(n)])
         c.upsert_records([(rec(0, "test", title="Zero"), "h0")])
         c.text_embeddings(["a poster", "another"], backbone=Encoder())
