@@ -1,22 +1,24 @@
 """`clipposter embed` SIGKILLed at each point of a cache write, then run again: the cache ends up
 bit-identical to the one an uninterrupted run makes (embedding bytes, content hashes, row order,
-records, texts).
+records, texts), and no shard of the killed run is left behind.
 
-The killed run is a child process that patches the cache's write steps to kill itself at one point:
-before a batch's rows are written, with a row and a half of them on disk, inside the index
-transaction, after the commit but before the .npy header is rewritten, and the same during the text
-append. The rerun and the reference run go through the same CLI in this process."""
+The killed run is a child process that writes a shard per batch (its flush threshold set to the batch
+size) and patches the shard writer to kill itself at one point of the second poster shard: before its
+files are written, with its matrix written and its tables not, written and renamed but not listed in
+the index, and listed but still marked as being written; and the same during the text shard. The
+rerun and the reference run go through the same CLI in this process, with the default threshold."""
 from __future__ import annotations
 
 import csv
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from clipposter.embedding import shard_files as sf
 from clipposter.embedding.cache import EmbeddingCache
 from helpers import run_cli, tiny_args
 
@@ -24,71 +26,63 @@ from helpers import run_cli, tiny_args
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]
 
 POSTERS = 12
-BATCH = 4  # three batches of posters, then one append of texts
+BATCH = 4  # three shards of posters, then one of texts
 
-# argv: point, then the embed command's arguments. Each point names the matrix whose write is cut,
-# which of its writes, and where in it.
+# argv: point, then the embed command's arguments.
 CHILD = r"""
 import os, signal, sys
-import numpy as np
-from clipposter.embedding import cache_matrix
-from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding import embed, shard_files as sf
 from clipposter.cli.main import main
 
 point, argv = sys.argv[1], sys.argv[2:]
-target, nth, where = {
-    "before the rows": ("images.npy", 2, "append"),
-    "a row and a half written": ("images.npy", 2, "torn"),
-    "inside the transaction": ("images.npy", 2, "transaction"),
-    "after the commit": ("images.npy", 2, "header"),
-    "text rows half written": ("texts.npy", 1, "torn"),
-    "after the text commit": ("texts.npy", 1, "header"),
+kind, nth, where = {
+    "before the shard": ("posters", 2, "start"),
+    "matrix written, tables not": ("posters", 2, "tables"),
+    "renamed, not listed": ("posters", 2, "commit"),
+    "listed, still marked": ("posters", 2, "finish"),
+    "text shard half written": ("texts", 1, "tables"),
+    "after the text commit": ("texts", 1, "finish"),
 }[point]
-calls = {"append": 0, "header": 0}
-current = {}
+embed.FLUSH_ROWS = int(os.environ["FLUSH_ROWS"])
+calls = {"posters": 0, "texts": 0}
+current = {"armed": False}
 
 def die():
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_append, real_header = cache_matrix.Matrix.append, cache_matrix.Matrix.set_header
-real_upsert = EmbeddingCache._upsert_records
+real_write, real_table = sf.write_shard, sf._save_table
+real_commit, real_finish = sf.commit, sf.finish_shard
 
-def append(self, start_row, rows):
-    if self.name == target:
-        calls["append"] += 1
-        current["writing"] = calls["append"] == nth
-        if current["writing"] and where == "append":
-            die()
-        if current["writing"] and where == "torn":
-            data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-            with open(self.path, "r+b") as f:
-                f.seek(cache_matrix.HEADER_BYTES + start_row * self.row_bytes)
-                f.write(data[:self.row_bytes + self.row_bytes // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            die()
-    return real_append(self, start_row, rows)
+def write_shard(root, tmp, dim, dtype, **content):
+    which = "posters" if content.get("poster_hashes") else "texts"
+    calls[which] += 1
+    current["armed"] = which == kind and calls[which] == nth
+    if current["armed"] and where == "start":
+        die()
+    return real_write(root, tmp, dim, dtype, **content)
 
-def upsert(self, records):
-    real_upsert(self, records)
-    if current.get("writing") and where == "transaction":
-        die()  # the rows are on disk and inserted, the transaction is not committed
+def save_table(path, columns, schema):
+    if current["armed"] and where == "tables":
+        die()
+    return real_table(path, columns, schema)
 
-def set_header(self, rows):
-    if self.name == target:
-        calls["header"] += 1
-        if calls["header"] == nth and where == "header":
-            die()
-    return real_header(self, rows)
+def commit(root, added, replaced=()):
+    if current["armed"] and where == "commit":
+        die()
+    return real_commit(root, added, replaced)
 
-cache_matrix.Matrix.append, cache_matrix.Matrix.set_header = append, set_header
-EmbeddingCache._upsert_records = upsert
+def finish_shard(root, name):
+    if current["armed"] and where == "finish":
+        die()
+    return real_finish(root, name)
+
+sf.write_shard, sf._save_table, sf.commit, sf.finish_shard = write_shard, save_table, commit, finish_shard
 sys.exit(main(argv))
 """
 
-POINTS = ["before the rows", "a row and a half written", "inside the transaction", "after the commit",
-          "text rows half written", "after the text commit"]
+POINTS = ["before the shard", "matrix written, tables not", "renamed, not listed", "listed, still marked",
+          "text shard half written", "after the text commit"]
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +107,10 @@ def embed_argv(manifest, cache, checkpoint):
 
 def contents(cache):
     """Everything a cache holds, as bytes and rows in order."""
-    db = sqlite3.connect(f"{(cache / 'index.sqlite').resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        tables = {
-            "posters": db.execute("SELECT hash, row FROM posters ORDER BY row").fetchall(),
-            "records": db.execute("SELECT * FROM records ORDER BY id").fetchall(),
-            "texts": db.execute("SELECT hash, row, text FROM texts ORDER BY row").fetchall(),
-        }
-    finally:
-        db.close()
-    return {"images.npy": (cache / "images.npy").read_bytes(), "texts.npy": (cache / "texts.npy").read_bytes(),
-            **tables}
+    with EmbeddingCache.open(cache, mode="r") as c:
+        return {"images": np.asarray(c.image_matrix()).tobytes(), "posters": c.poster_hashes(),
+                "records": c.records_with_hashes(), "texts": c.text_items(),
+                "text_matrix": np.asarray(c.text_matrix()).tobytes()}
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +127,20 @@ def reference(manifest, tiny_checkpoint, tmp_path_factory, single_torch_thread):
 @pytest.mark.parametrize("point", POINTS)
 def test_a_killed_embed_resumes_to_the_same_cache(point, manifest, reference, tiny_checkpoint, tmp_path, capsys):
     cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLUSH_ROWS": str(BATCH)}
     proc = subprocess.run([sys.executable, "-c", CHILD, point, *embed_argv(manifest, cache, tiny_checkpoint)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     with EmbeddingCache.open(cache, mode="r") as c:  # what the killed run left committed
         committed = c.num_posters
         texts = c.num_texts
-    poster_rows = {"before the rows": BATCH, "a row and a half written": BATCH, "inside the transaction": BATCH,
-                   "after the commit": 2 * BATCH}.get(point, POSTERS)
+    poster_rows = {"before the shard": BATCH, "matrix written, tables not": BATCH, "renamed, not listed": BATCH,
+                   "listed, still marked": 2 * BATCH}.get(point, POSTERS)
     assert committed == poster_rows
     assert texts == (len(reference["texts"]) if point == "after the text commit" else 0)
     code, out, err = run_cli(capsys, *embed_argv(manifest, cache, tiny_checkpoint))
     assert code == 0, err
     assert f'"encoded": {POSTERS - committed},' in out
     assert contents(cache) == reference
+    listed = {e.name for e in sf.read_index(cache)}
+    assert {p.name for p in (cache / sf.SHARDS).iterdir()} == listed  # the killed run's shard is gone
