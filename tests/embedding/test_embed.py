@@ -1,6 +1,6 @@
+import contextlib
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from clipposter.embedding import shard_files as sf
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records
 from clipposter.errors import ClipposterError
@@ -110,19 +111,17 @@ def test_killed_embed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_chec
     cmd = [sys.executable, "-m", "clipposter.cli.main", "embed", str(src / "manifest.csv"), "--cache", str(cache_dir),
            "--backbone", "clipposter-tiny", "--pretrained", str(tiny_checkpoint), "--batch-size", "4",
            "--workers", "1", "--no-texts", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = cache_dir / "index.sqlite"
+    # The killed run writes a shard every 8 posters, so it is killed with several shards listed.
+    flushing = [sys.executable, "-c", "import sys; from clipposter.embedding import embed; embed.FLUSH_ROWS = 8; "
+                "from clipposter.cli.main import main; sys.exit(main(sys.argv[1:]))", *cmd[3:]]
+    proc = subprocess.Popen(flushing, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committed = 0
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                with sqlite3.connect(db, timeout=0.1) as con:
-                    committed = con.execute("SELECT COUNT(*) FROM posters").fetchone()[0]
-            except sqlite3.Error:
-                committed = 0
-            if committed >= 8:
-                break
+        with contextlib.suppress(ClipposterError):
+            committed = sum(e.posters for e in sf.read_index(cache_dir))
+        if committed >= 16:
+            break
         time.sleep(0.005)
     assert proc.poll() is None, "embed finished before it could be killed; the test needs a slower run"
     proc.send_signal(signal.SIGKILL)
@@ -136,9 +135,10 @@ def test_killed_embed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_chec
         assert sorted(ids) == sorted(r.id for r in records)
         matrix = np.asarray(cache.image_matrix(), dtype=np.float32)
         np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-2)  # no garbage row
-        rows = [row for (row,) in cache._db.execute("SELECT row FROM posters ORDER BY row")]
-        assert rows == list(range(400))
-    assert np.load(cache_dir / "images.npy").shape == (400, 64)
+        assert len(set(cache.poster_hashes())) == len(cache.poster_hashes()) == 400  # each poster once
+        assert sorted(cache.id_rows().values()) == list(range(400))
+        assert 2 <= len(cache.shard_names) < 400 // 8  # what the killed run listed, then the rest as one shard
+    assert {p.name for p in (cache_dir / sf.SHARDS).iterdir()} == {e.name for e in sf.read_index(cache_dir)}
 
 
 # ------------------------------------------------------------------ the backbone loads only for work
