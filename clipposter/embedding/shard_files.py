@@ -85,7 +85,8 @@ class ShardEntry:
 
 @dataclass
 class ShardData:
-    """What one shard holds: its matrices memory-mapped, its tables as Python lists."""
+    """What one shard holds: its matrices memory-mapped, its hash tables as Python lists, and its records
+    as the Arrow table read from disk, made Python values only when asked for (`records`)."""
 
     entry: ShardEntry
     images: np.ndarray
@@ -94,7 +95,12 @@ class ShardData:
     poster_hashes: list[str]
     text_hashes: list[str]
     text_values: list[str]
-    records: dict[str, list]  # column → values, RECORD_COLUMNS
+    record_table: object  # a pyarrow.Table of RECORD_COLUMNS
+
+    @property
+    def records(self) -> dict[str, list]:
+        """column → values, RECORD_COLUMNS."""
+        return self.record_table.to_pydict()
 
 
 def is_sharded(meta: dict) -> bool:
@@ -342,7 +348,7 @@ def read_rows(root: Path, entry: ShardEntry, start: int, stop: int, fallback: np
         del mapped
 
 
-def _load_table(root: Path, entry: ShardEntry, file: str, rows: int) -> dict[str, list]:
+def _load_table(root: Path, entry: ShardEntry, file: str, rows: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -355,7 +361,7 @@ def _load_table(root: Path, entry: ShardEntry, file: str, rows: int) -> dict[str
         raise _damaged(root, entry.name, f"{file}: {exc}") from None
     if table.num_rows != rows:
         raise _damaged(root, entry.name, f"{file} holds {table.num_rows} rows, the index lists {rows}")
-    return table.to_pydict()
+    return table
 
 
 def load_shard(root: Path, entry: ShardEntry, dim: int, dtype: np.dtype) -> ShardData:
@@ -367,7 +373,8 @@ def load_shard(root: Path, entry: ShardEntry, dim: int, dtype: np.dtype) -> Shar
     posters = _load_table(root, entry, "posters.parquet", entry.posters)
     text_rows = _load_table(root, entry, "texts.parquet", entry.texts)
     records = _load_table(root, entry, "records.parquet", entry.records)
-    return ShardData(entry, images, texts, tokens, posters["hash"], text_rows["hash"], text_rows["text"], records)
+    return ShardData(entry, images, texts, tokens, posters.column("hash").to_pylist(),
+                     text_rows.column("hash").to_pylist(), text_rows.column("text").to_pylist(), records)
 
 
 def shard_bytes(root: Path) -> int:

@@ -116,7 +116,8 @@ class ShardedCache:
         self._shards: list[sf.ShardData] = []
         self._poster_row: dict[str, int] = {}
         self._text_row: dict[str, int] = {}
-        self._records: dict[str, tuple] = {}  # id → (hash, image, genres, tagline, overview, split, title, url)
+        # id → (hash, image, genres, tagline, overview, split, title, url), built on first use (`_records`)
+        self._record_map: dict[str, tuple] | None = None
         self._poster_starts: list[int] = []
         self._text_starts: list[int] = []
         self._rows = self._texts = 0
@@ -129,16 +130,40 @@ class ShardedCache:
         self._shards.append(shard)
         self._poster_starts.append(self._rows)
         self._text_starts.append(self._texts)
-        for n, h in enumerate(shard.poster_hashes):
-            self._poster_row.setdefault(h, self._rows + n)
-        for n, h in enumerate(shard.text_hashes):
-            self._text_row.setdefault(h, self._texts + n)
-        cols = shard.records
-        self._records.update(zip(cols["id"], zip(*(cols[c] for c in sf.RECORD_COLUMNS[1:]))))
+        self._take_rows(self._poster_row, shard.poster_hashes, self._rows)
+        self._take_rows(self._text_row, shard.text_hashes, self._texts)
+        if self._record_map is not None:
+            self._take_records(self._record_map, shard)
         self._rows += shard.entry.posters
         self._texts += shard.entry.texts
         self._matrix = None
         self._sorted_ids = None
+
+    @staticmethod
+    def _take_rows(rows: dict[str, int], hashes: list[str], start: int) -> None:
+        """Number `hashes` from `start` into `rows`; a hash already there, or earlier in `hashes`, keeps
+        its first row."""
+        new = dict(zip(reversed(hashes), range(start + len(hashes) - 1, start - 1, -1)))
+        for h in new.keys() & rows.keys():
+            del new[h]
+        rows.update(new)
+
+    @staticmethod
+    def _take_records(into: dict[str, tuple], shard: sf.ShardData) -> None:
+        cols = shard.records
+        into.update(zip(cols["id"], zip(*(cols[c] for c in sf.RECORD_COLUMNS[1:]))))
+
+    @property
+    def _records(self) -> dict[str, tuple]:
+        """The records of every shard by poster id, a later shard's record of an id replacing an earlier
+        one's; read from the shards' tables the first time a record is asked for, so opening a cache to
+        look up hashes or rows does not pay for them."""
+        if self._record_map is None:
+            records: dict[str, tuple] = {}
+            for shard in self._shards:
+                self._take_records(records, shard)
+            self._record_map = records
+        return self._record_map
 
     def _append(self, **content) -> None:
         """Write and list one shard, then take it (and any listed since by other writers) in."""
