@@ -36,7 +36,7 @@ def build_v1(root: Path, n: int, dim: int) -> None:
                              interpolation="bicubic", resize_mode="shortest", embed_dim=dim)
     rng = np.random.default_rng(0)
     splits = ("train", "validation", "test")
-    with EmbeddingCache.open(root, ident) as cache:
+    with EmbeddingCache.open_v1(root, ident) as cache:
         for start in range(0, n, 4096):
             stop = min(n, start + 4096)
             x = rng.normal(size=(stop - start, dim)).astype(np.float32)
