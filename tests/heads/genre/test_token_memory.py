@@ -101,6 +101,7 @@ def test_tokens_on_a_cache_without_them_is_one_line_naming_memory(tmp_path, tiny
     with pytest.raises(ConfigError) as err:
         train_genre_head(cache, architecture={"memory": "tokens"}, backbone=tiny_backbone, progress=False)
     assert err.value.field == "memory" and "\n" not in str(err.value)
-    assert "stores one pooled embedding per poster" in str(err.value) and "embed --tokens" in str(err.value)
+    assert "stores one pooled embedding per poster" in str(err.value)
+    assert "with their token sequences into a new cache" in str(err.value)
     with pytest.raises(ConfigError, match="memory 'tokens' is a memory of the ML-Decoder"):
         train_genre_head(cache, kind="linear-probe", architecture={"memory": "tokens"}, progress=False)
