@@ -109,13 +109,53 @@ class Backbone:
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
 
-    def encode_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
-        """PIL images → L2-normalised float32 embeddings (N, D)."""
-        out = []
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(T, D) of `encode_image_tokens`: the pooled token and one per patch, at the embedding width."""
+        visual = _token_tower(self.model, self.identity)
+        grid = visual.grid_size
+        return int(grid[0]) * int(grid[1]) + 1, self.embed_dim
+
+    @torch.inference_mode()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed pixels (N, 3, H, W) → (pooled (N, D), tokens (N, T, D)), float32.
+
+        `pooled` is exactly what `encode_image_tensors` returns. `tokens` is the ViT's final token
+        sequence in the joint image–text space: row 0 is the pooled embedding, rows 1.. are the patch
+        tokens (row-major over the patch grid) after the same final LayerNorm and projection as the
+        pooled token. Projected tokens share the space of the CLIP text embeddings that a genre
+        head's queries are made of, and are 2/3 the size of the 768-wide ViT-B-32 residual stream.
+        Every row is L2-normalised, as the pooled embedding is.
+        """
+        visual = _token_tower(self.model, self.identity)
+        self.image_forward_passes += 1
+        with self._autocast():
+            out = visual.forward_intermediates(pixels.to(self.device, non_blocking=True), indices=1,
+                                               normalize_intermediates=True, output_fmt="NLC",
+                                               output_extra_tokens=True)
+            patches = out["image_intermediates"][0] @ visual.proj
+        pooled = out["image_features"].float()
+        tokens = torch.cat([pooled[:, None, :], patches.float()], dim=1)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        tokens = torch.nn.functional.normalize(tokens, dim=-1)
+        return pooled.cpu().numpy(), tokens.cpu().numpy()
+
+    def encode_images(self, images: Sequence, batch_size: int = 64, tokens: bool = False):
+        """PIL images → L2-normalised float32 embeddings (N, D); with `tokens`, the pair
+        (embeddings (N, D), token sequences (N, T, D)) of `encode_image_tokens`."""
+        out, seqs = [], []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
-            out.append(self.encode_image_tensors(batch))
-        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+            if tokens:
+                pooled, seq = self.encode_image_tokens(batch)
+                out.append(pooled)
+                seqs.append(seq)
+            else:
+                out.append(self.encode_image_tensors(batch))
+        pooled = np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+        if not tokens:
+            return pooled
+        return pooled, (np.concatenate(seqs) if seqs else np.zeros((0, *self.token_shape), np.float32))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -128,6 +168,44 @@ class Backbone:
                 feats = self.model.encode_text(tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+def _token_tower(model, identity: BackboneIdentity):
+    """The open_clip VisionTransformer whose token sequence `encode_image_tokens` reads, or a one-line
+    error for towers without one (ResNets, timm towers, attention-pooled CoCa towers)."""
+    visual = getattr(model, "visual", None)
+    if (visual is None or not hasattr(visual, "forward_intermediates") or not hasattr(visual, "grid_size")
+            or getattr(visual, "attn_pool", None) is not None or getattr(visual, "proj", None) is None):
+        raise ClipposterError(f"backbone {identity.describe()} has no ViT token sequence to read: token "
+                              f"sequences need an open_clip VisionTransformer with a projection")
+    return visual
+
+
+def token_shape(identity_or_backbone) -> tuple[int, int]:
+    """(T, D) of the token sequences a backbone (or the backbone an identity names) gives: T = patch
+    grid² + 1 (ViT-B-32: 7² + 1 = 50), D = the embedding width (512)."""
+    if isinstance(identity_or_backbone, Backbone):
+        return identity_or_backbone.token_shape
+    identity = identity_or_backbone
+    import open_clip
+
+    _register_configs()
+    config = open_clip.get_model_config(identity.model)
+    vision = (config or {}).get("vision_cfg") or {}
+    patch = vision.get("patch_size")
+    if not patch or vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
+        raise ClipposterError(f"backbone {identity.describe()}: its token sequence length is not known without "
+                              f"loading it; load the backbone and pass it instead")
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    side = identity.image_size // int(patch)
+    return side * side + 1, identity.embed_dim
+
+
+def token_bytes_per_poster(identity_or_backbone, itemsize: int = 2) -> int:
+    """Bytes one poster's token sequence takes at `itemsize` bytes a number (2: float16):
+    T × D × itemsize; ViT-B-32: 50 × 512 × 2 = 51,200 (35,000 posters: 1.8 GB)."""
+    t, d = token_shape(identity_or_backbone)
+    return t * d * int(itemsize)
 
 
 def _embed_dim(model) -> int:

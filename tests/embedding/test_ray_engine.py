@@ -197,18 +197,20 @@ def test_a_killed_ray_job_resumes_to_the_local_engines_cache(tmp_path, tiny_chec
     args = ["embed", str(src / "manifest.csv"), "--cache", str(cache_dir), *tiny_args(tiny_checkpoint),
             "--engine", "ray", "--batch-size", "4", "--no-texts", "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "stderr.txt", "wb")  # a file, not a pipe: a full pipe would stall the job
     proc = subprocess.Popen([sys.executable, "-m", "clipposter.cli.main", *args, "--address", ray_cluster,
-                             "--concurrency", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                             "--concurrency", "1"], stdout=subprocess.DEVNULL, stderr=log, env=env)
     committed, deadline = 0, time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         committed = committed_posters(cache_dir)
         if committed >= 8:  # at least two blocks committed
             break
         time.sleep(0.05)
-    assert proc.poll() is None, f"the Ray job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
+    log.close()
+    assert alive, f"the Ray job ended before it could be killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
     at_kill = committed_posters(cache_dir)
     assert 8 <= at_kill < len(records)
 

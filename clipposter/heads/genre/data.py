@@ -195,3 +195,28 @@ def genre_text_embeddings(cache, genres: Sequence[str], templates: Sequence[str]
                 raise
             backbone = load_backbone_like(cache.identity, cache.backbone_spec, pretrained=pretrained, device=device)
     return genre_query_embeddings(cache, genres, templates, backbone=backbone)
+
+
+def require_tokens(cache) -> tuple[int, int]:
+    """(T, D) of the cache's token sequences, or the one-line error that a `memory="tokens"` head
+    gives on a cache without them (a v1 cache, or a sharded one embedded without tokens)."""
+    shape = getattr(cache, "token_shape", None)
+    if shape is None:
+        some = getattr(cache, "has_some_tokens", False)
+        raise ConfigError("memory", f"'tokens' needs ViT token sequences, but the cache {cache.root} stores one "
+                                    f"pooled embedding per poster{' (and tokens for only some)' if some else ''}; "
+                                    f"embed the posters with their token sequences into a new cache, "
+                                    f"or train with memory='pooled'")
+    return tuple(shape)
+
+
+def memory_inputs(cache, split: GenreSplit, memory: str = "pooled") -> np.ndarray:
+    """What a head with `memory` reads for `split`: its pooled embeddings (N, D), or its token
+    sequences (N, T, D) from the cache, kept in the cache's dtype (float16 halves the memory)."""
+    if memory != "tokens":
+        return split.embeddings
+    t, d = require_tokens(cache)
+    if not split.ids:
+        return np.zeros((0, t, d), np.float32)
+    return np.asarray(cache.tokens_for_ids(split.ids))
+

@@ -15,7 +15,7 @@ from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import write_json
 from clipposter.heads.genre.baselines import fit_linear_probe, zero_shot_head
 from clipposter.heads.genre.config import BASELINES
-from clipposter.heads.genre.data import load_genre_data
+from clipposter.heads.genre.data import load_genre_data, memory_inputs
 from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.metrics import genre_calibrate_thresholds, genre_constant_top_k, genre_scores
 from clipposter.records import SPLITS
@@ -41,7 +41,7 @@ def evaluate_genres(head: GenreHead, cache, *, baselines: Sequence[str] = BASELI
     half = np.full(g, 0.5)
 
     def score_model(name: str, head_like: GenreHead, calibrated: np.ndarray) -> dict:
-        probs = {s: head_like.predict_proba(d.embeddings) for s, d in splits.items()}
+        probs = {s: head_like.predict_proba(memory_inputs(cache, d, head_like.memory)) for s, d in splits.items()}
         return {
             "kind": head_like.kind,
             "thresholds": {"0.5": half.tolist(), "calibrated": calibrated.tolist()},

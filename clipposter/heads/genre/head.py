@@ -117,7 +117,9 @@ class GenreHead:
     @torch.inference_mode()
     def predict_proba(self, embeddings: np.ndarray, batch_size: int = INFER_BATCH) -> np.ndarray:
         """(N, D) embeddings (or (N, T, D) for a token-memory head) → (N, G) float32 probabilities."""
-        x = np.asarray(embeddings, dtype=np.float32)
+        x = np.asarray(embeddings)
+        if x.dtype not in (np.float16, np.float32):
+            x = x.astype(np.float32)  # float16 token sequences are widened batch by batch, in the module
         if x.ndim not in (2, 3):
             raise ClipposterError(f"embeddings must be (N, D) or (N, T, D), got shape {x.shape}")
         if x.shape[-1] != self.identity.embed_dim:
@@ -177,8 +179,9 @@ class GenreHead:
         from clipposter.embedding.embed import resolve_posters
 
         if self.memory == "tokens":
-            raise ClipposterError("this head reads ViT token sequences, which neither the cache nor on-the-fly "
-                                  "encoding provide yet; use a head trained with memory='pooled'")
+            raise ClipposterError("this head reads ViT token sequences, which predicting from poster files does "
+                                  "not provide yet; score it on a cache embedded with tokens (evaluate), or use a "
+                                  "head trained with memory='pooled'")
         if cache is not None:
             self.check_backbone(cache.identity, f"the cache {cache.root}")
 

@@ -31,9 +31,9 @@ logits in a factorised form that never materialises the (batch × genres × widt
 work per step; 10 epochs on 35,000 posters then take about a minute of one CPU core
 (scripts/bench/genres.py). With a ViT token sequence as memory (T > 1, `memory="tokens"`) each
 layer uses real multi-head cross-attention (torch.nn.MultiheadAttention), so each genre query
-attends to its own patches, as ML-Decoder intends. The embedding cache does not store token
-sequences yet; the Python API accepts (N, T, D) arrays for such a head, and training from a cache
-refuses memory="tokens" with a clear message.
+attends to its own patches, as ML-Decoder intends. Its memory is the backbone's projected token
+sequence (`Backbone.encode_image_tokens`: the pooled embedding, then one token per patch, all in the
+text space the queries come from), read from a cache embedded with tokens.
 
 Losses: BCE by default (optionally pos_weight per genre), focal and asymmetric (ASL) as options,
 all mean-reduced and computed from log-sigmoids so extreme logits stay finite.
@@ -311,11 +311,21 @@ class MLDecoder(nn.Module):
     def set_input_stats(self, embeddings: np.ndarray) -> None:
         """Standardise memory with training statistics: CLIP embeddings share a large common direction
         (mean cosine ~0.5 between posters), which otherwise slows Adam at lr 1e-4."""
-        x = np.asarray(embeddings, dtype=np.float64).reshape(-1, self.cfg.embed_dim)
+        x = np.asarray(embeddings).reshape(-1, self.cfg.embed_dim)  # token sequences: every token counts
         if x.shape[0] == 0:
             return
-        self.input_mean.copy_(torch.from_numpy(x.mean(0)).float())
-        self.input_std.copy_(torch.from_numpy(np.clip(x.std(0), 1e-6, None)).float())
+        # Sums in float64, in chunks: token sequences of 35K posters are ~1.8 GB as float16.
+        total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        for start in range(0, x.shape[0], 65_536):
+            chunk = x[start:start + 65_536].astype(np.float64)
+            total += chunk.sum(0)
+        mean = total / x.shape[0]
+        for start in range(0, x.shape[0], 65_536):
+            chunk = x[start:start + 65_536].astype(np.float64) - mean
+            squares += (chunk * chunk).sum(0)
+        std = np.sqrt(squares / x.shape[0])
+        self.input_mean.copy_(torch.from_numpy(mean).float())
+        self.input_std.copy_(torch.from_numpy(np.clip(std, 1e-6, None)).float())
 
     def set_prior(self, frequency: np.ndarray) -> None:
         """Start each genre's bias at the logit of its training frequency, so the first epochs learn

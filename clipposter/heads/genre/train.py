@@ -29,7 +29,8 @@ from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads import distributed
 from clipposter.heads.genre.baselines import fit_linear_probe
 from clipposter.heads.genre.config import KINDS, DecoderConfig, TrainConfig, small_data_settings, train_config
-from clipposter.heads.genre.data import GenreData, genre_text_embeddings, load_genre_data
+from clipposter.heads.genre.data import (GenreData, genre_text_embeddings, load_genre_data, memory_inputs,
+                                         require_tokens)
 from clipposter.heads.genre.head import GenreHead
 from clipposter.heads.genre.metrics import (CALIBRATION_MIN_SUPPORT, CALIBRATION_SHRINKAGE, genre_calibrate_thresholds,
                                             genre_prf)
@@ -73,6 +74,15 @@ def _evaluate_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
     return total / max(1, x.shape[0]), probs
 
 
+def _input_tensor(x: np.ndarray) -> torch.Tensor:
+    """Inputs as a tensor; float16 stays float16 (token sequences: half the memory), the module
+    computes in float32 batch by batch."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float16, np.float32):
+        x = x.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
 def fit_decoder(module: MLDecoder, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                 options: TrainConfig, progress: bool = True) -> list[EpochLog]:
     """Train `module` in place (Adam, lr halved on a validation-loss plateau, early stopping that
@@ -88,9 +98,9 @@ def fit_decoder(module: MLDecoder, train_x: np.ndarray, train_y: np.ndarray, val
     if len(val_x) == 0:
         raise ClipposterError("no labelled validation posters: early stopping, the learning-rate schedule and "
                               "threshold calibration need a validation split")
-    xt = torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32))
+    xt = _input_tensor(train_x)
     yt = torch.from_numpy(np.ascontiguousarray(train_y, dtype=np.float32))
-    xv = torch.from_numpy(np.ascontiguousarray(val_x, dtype=np.float32))
+    xv = _input_tensor(val_x)
     yv = torch.from_numpy(np.ascontiguousarray(val_y, dtype=np.float32))
     loss_fn = make_loss(options, positive_weights(train_y, options.pos_weight))
     generator = torch.Generator().manual_seed(options.seed)  # the same data order on every rank
@@ -225,9 +235,12 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
     if kind not in KINDS:
         raise ConfigError("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     architecture = dict(architecture or {})
-    if architecture.get("memory", "pooled") == "tokens":
-        raise ConfigError("memory", f"'tokens' needs ViT token sequences, but the cache {cache.root} stores one "
-                                    f"pooled embedding per poster; train with memory='pooled'")
+    memory = architecture.get("memory", "pooled")
+    if memory == "tokens":
+        if kind != "ml-decoder":
+            raise ConfigError("memory", f"'tokens' is a memory of the ML-Decoder; a {kind} head reads pooled "
+                                        f"embeddings")
+        require_tokens(cache)  # refused before any data is read
     data = load_genre_data(cache, genres, genres_from_data)
     train, val = data.splits["train"], data.splits["validation"]
     if not data.genres:
@@ -262,10 +275,10 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
             cfg = DecoderConfig(embed_dim=cache.dim, num_genres=len(data.genres), text_dim=genre_text.shape[1],
                                 **architecture)
             module = MLDecoder(cfg, genre_text)
-            module.set_input_stats(train.embeddings)
+            train_x, val_x = memory_inputs(cache, train, memory), memory_inputs(cache, val, memory)
+            module.set_input_stats(train_x)
             module.set_prior(train.labels.mean(0))
-            history = fit_decoder(module, train.embeddings, train.labels, val.embeddings, val.labels, options,
-                                  progress)
+            history = fit_decoder(module, train_x, train.labels, val_x, val.labels, options, progress)
             config = cfg.to_dict()
         elif kind == "linear-probe":
             module, probe_warnings = fit_linear_probe(train.embeddings, train.labels, c=options.probe_c,
@@ -279,12 +292,13 @@ def train_genre_head(cache, *, kind: str = "ml-decoder", genres: Sequence[str] |
                      templates=templates, genre_text=genre_text, config=config,
                      training={**options.to_dict(), "cache": str(cache.root), "small_data": applied is not None},
                      data=data.summary())
-    calibrated = genre_calibrate_thresholds(val.labels, head.predict_proba(val.embeddings),
+    val_x = memory_inputs(cache, val, head.memory)
+    calibrated = genre_calibrate_thresholds(val.labels, head.predict_proba(val_x),
                                             train_frequency=train.labels.mean(0))
     head.thresholds = {"mode": options.threshold_mode,
                        **{k: calibrated[k] for k in ("per_genre", "global", "fallback_genres")}}
     warnings += _calibration_warnings(calibrated, data.genres, len(val.ids))
-    head.metrics = _validation_metrics(head, val.embeddings, val.labels)
+    head.metrics = _validation_metrics(head, val_x, val.labels)
     head.metrics["calibration"] = {
         "validation_posters": len(val.ids), "min_support": CALIBRATION_MIN_SUPPORT,
         "shrinkage": CALIBRATION_SHRINKAGE,

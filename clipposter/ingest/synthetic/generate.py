@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from clipposter.errors import ClipposterError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import atomic_write_bytes
 from clipposter.ingest.sources import write_manifest
-from clipposter.ingest.synthetic.render import render_poster
+from clipposter.ingest.synthetic.render import CUES, render_poster
 from clipposter.ingest.synthetic.text import SYNTHETIC_GENRES, make_overview, make_tagline, make_title, sample_genres
 from clipposter.records import PosterRecord, assign_splits
 
@@ -28,8 +28,12 @@ def _poster_rng(seed: int, index: int) -> random.Random:
 
 
 def generate_posters(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, size: tuple[int, int] = (200, 300),
-                     genres: Sequence[str] = SYNTHETIC_GENRES, progress: bool = False) -> list[PosterRecord]:
+                     genres: Sequence[str] = SYNTHETIC_GENRES, progress: bool = False,
+                     cue: str = "global") -> list[PosterRecord]:
     """Write n synthetic posters to out_dir/posters/<id>.jpg and out_dir/manifest.csv.
+
+    `cue`: "global" (the genres' art fills the poster) or "region" (it fills one quadrant and decoy
+    genre art the rest; see `render_poster`). The records do not depend on `cue`, only the pixels.
 
     `size` is (width, height). Same seed gives byte-identical files and identical records; an
     existing poster file is kept as is, so an interrupted run can simply be started again.
@@ -41,6 +45,8 @@ def generate_posters(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, si
         raise ClipposterError(f"synthetic posters know only {', '.join(SYNTHETIC_GENRES)}; got {', '.join(unknown)}")
     if not genres:
         raise ClipposterError("synthetic posters need at least one genre")
+    if cue not in CUES:
+        raise ConfigError("cue", f"must be one of {', '.join(CUES)}, got {cue!r}")
     if n < 0:
         raise ClipposterError(f"number of posters must be >= 0, got {n}")
     w, h = int(size[0]), int(size[1])
@@ -72,7 +78,7 @@ def generate_posters(out_dir: str | os.PathLike, n: int = 200, seed: int = 0, si
         image_path = poster_dir / f"{rec_id}.jpg"
         if not image_path.exists():
             # Rendering draws from its own stream, so skipping it never shifts the texts.
-            img = render_poster(random.Random(rnd.getrandbits(64)), chosen, title, (w, h))
+            img = render_poster(random.Random(rnd.getrandbits(64)), chosen, title, (w, h), cue=cue)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=JPEG_QUALITY)
             atomic_write_bytes(image_path, buf.getvalue())

@@ -2,6 +2,8 @@
 
 Genre cues are deliberately coarse and global (palette of large areas, big shapes), so even a small
 random-weight image encoder at low resolution carries enough genre signal for a linear probe.
+With cue="region" the genres sit in one quadrant instead and the rest of the poster is decoy genre
+art: a pooled embedding mixes the two, a head that attends over patch tokens can look at the quadrant.
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from clipposter.errors import ConfigError
+from clipposter.ingest.synthetic.text import sample_genres
 
 RGB = tuple[int, int, int]
 
@@ -264,13 +269,58 @@ def _band_edges(rnd: random.Random, k: int, height: int) -> list[int]:
     return edges
 
 
-def render_poster(rnd: random.Random, genres: Sequence[str], title: str, size: tuple[int, int]) -> Image.Image:
+CUES = ("global", "region")
+# The title band of a region-cue poster: one ink for every genre, so the band carries no genre cue.
+_NEUTRAL = _Palette((128, 128, 128), (128, 128, 128), ((128, 128, 128),), (45, 45, 50))
+
+
+def cue_box(size: tuple[int, int]) -> tuple[int, int, int]:
+    """(left, top, side) of the square that holds a region-cue poster's genre art: the top-left
+    quadrant of the poster's central square (what a centre-cropping preprocess keeps), so at
+    most a quarter of the encoder's view carries the genres."""
+    w, h = size
+    title_top = int(round(h * 0.82))  # the title band never starts above this
+    side = min(w, h) // 2
+    top = max(0, min((h - w) // 2, title_top - side))
+    return 0, top, side
+
+
+def render_poster(rnd: random.Random, genres: Sequence[str], title: str, size: tuple[int, int],
+                  cue: str = "global") -> Image.Image:
     """The poster of `genres` (primary first) with `title`, as a (width, height) = `size` RGB image.
 
+    cue="global": the genres' bands fill the poster and the title band takes the primary genre's ink.
+    cue="region": the genres' art fills only `cue_box(size)`; the rest of the poster is the art of
+    1-3 decoy genres drawn independently of `genres` (clutter that looks like genre art, so an
+    embedding of the whole poster mixes the real cue with a random one), under a neutral title band.
     Every random choice comes from `rnd`, so the same stream gives the same pixels.
     """
+    if cue not in CUES:
+        raise ConfigError("cue", f"must be one of {', '.join(CUES)}, got {cue!r}")
     w, h = size
     title_top = int(round(h * rnd.uniform(0.82, 0.86)))
+    if cue == "global":
+        img = _paint_bands(rnd, genres, w, h, title_top)
+        ink = _PALETTES[genres[0]]
+    else:
+        decoys = sample_genres(rnd, tuple(_PALETTES))
+        img = _paint_bands(rnd, decoys, w, h, title_top)
+        left, top, side = cue_box(size)
+        img.paste(_paint_bands(rnd, genres, side, side, side), (left, top))
+        ink = _NEUTRAL
+    # Global colour jitter and grain so no two posters of a genre share exact pixel statistics.
+    noise_rng = np.random.default_rng(rnd.getrandbits(64))
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr * rnd.uniform(0.88, 1.08) + np.array([rnd.uniform(-10, 10) for _ in range(3)], dtype=np.float32)
+    arr += noise_rng.normal(0.0, 5.0, size=arr.shape).astype(np.float32)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    _draw_title(img, title_top, title, ink, rnd)
+    return img
+
+
+def _paint_bands(rnd: random.Random, genres: Sequence[str], w: int, h: int, title_top: int) -> Image.Image:
+    """A (w, h) image whose rows above `title_top` hold one band per genre (primary first) over the
+    primary genre's gradient; the rows below are left black for the title band."""
     primary = _PALETTES[genres[0]]
     base = _gradient(rnd, primary, w, title_top)
     img = Image.new("RGB", (w, h))
@@ -288,12 +338,5 @@ def render_poster(rnd: random.Random, genres: Sequence[str], title: str, size: t
             tile = Image.fromarray(np.clip(_vignette(np.asarray(tile, dtype=np.float32), 0.75), 0, 255)
                                    .astype(np.uint8), "RGB")
         img.paste(tile, (0, y0))
-    # Global colour jitter and grain so no two posters of a genre share exact pixel statistics.
-    noise_rng = np.random.default_rng(rnd.getrandbits(64))
-    arr = np.asarray(img, dtype=np.float32)
-    arr = arr * rnd.uniform(0.88, 1.08) + np.array([rnd.uniform(-10, 10) for _ in range(3)], dtype=np.float32)
-    arr += noise_rng.normal(0.0, 5.0, size=arr.shape).astype(np.float32)
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    _draw_title(img, title_top, title, primary, rnd)
     return img
 
