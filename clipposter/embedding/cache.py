@@ -1,6 +1,10 @@
 """The embedding cache: every poster and text is encoded once per backbone, and every head reads from here.
 
-Layout of a cache directory:
+`EmbeddingCache.open` is the one way in: it creates sharded caches (format 2, shards.py) and opens
+both formats. This module holds format 1, which opens read-only (writing means `cache migrate`);
+`EmbeddingCache.open_v1` still writes it, to build v1 caches for migration and its checks.
+
+Layout of a format-1 cache directory:
 
     cache.json      format version, backbone identity, dtype, width (written once, checked on open)
     index.sqlite    posters (content hash → row), records (poster id → hash + labels and texts),

@@ -118,6 +118,9 @@ def test_ray_gives_the_local_engines_embeddings_and_counts(tmp_path, tiny_backbo
     assert pre.encoded == 10
     before = np.array(cache.image_matrix())
     got = embed_records_ray(from_folder(messy_folder), cache, batch_size=4, concurrency=1, progress=False)
+    # after the local engine's shard, a shard of each block Ray streamed back (not one for the whole job)
+    blocks = [e.posters for e in cache.shard_entries if e.posters][1:]
+    assert len(blocks) > 1 and sum(blocks) == got.encoded
     assert (got.records, got.encoded + 10, got.cached - 10, got.skipped) == (
         expected.records, expected.encoded, expected.cached, expected.skipped)
     assert skipped(got) == skipped(expected)
