@@ -465,8 +465,8 @@ def test_evaluation_skips_posters_without_a_reference(head, caption_cache_dir, t
         records = c.records("test")
         for r, bad in zip(records[:3], ("", "   ", None)):
             r.tagline = bad
-        c.upsert_records([(r, c._db.execute("SELECT hash FROM records WHERE id=?", (r.id,)).fetchone()[0])
-                          for r in records[:3]])
+        hashes = {rec.id: h for rec, h in c.records_with_hashes()}
+        c.upsert_records([(r, hashes[r.id]) for r in records[:3]])
         report = evaluate(head, c, "test", decoding_preset("greedy"), scorer, limit=10, samples=3,
                                    progress=False)
     assert report.skipped_references == 3 and report.posters == 10 and len(report.samples) == 3
