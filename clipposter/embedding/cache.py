@@ -42,6 +42,7 @@ import numpy as np
 from clipposter.embedding.cache_matrix import Matrix, write_failure
 from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
 from clipposter.embedding.identity import BackboneIdentity
+from clipposter.embedding.shard_files import INDEX as SHARD_INDEX, SHARDS as SHARD_FOLDER
 from clipposter.embedding.shards import FORMAT_VERSION as SHARDED_VERSION, ShardedCache, create_meta
 from clipposter.errors import ClipposterError, ConfigError
 from clipposter.files import directory_lock, write_json
@@ -248,7 +249,7 @@ class EmbeddingCache:
             if meta["format_version"] == SHARDED_VERSION:
                 return ShardedCache(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
             return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode="r", migrate_to_write=True)
-        present = [name for name in _FILES if (root / name).exists()]
+        present = [name for name in (*_FILES, SHARD_INDEX, SHARD_FOLDER) if (root / name).exists()]
         if present:  # the backbone of these embeddings is unknown: never let another one adopt them
             raise ClipposterError(f"{root}: holds cache files ({', '.join(present)}) but no cache.json, so the "
                                   f"backbone they were made with is unknown; restore cache.json or embed into a "

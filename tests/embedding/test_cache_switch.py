@@ -40,6 +40,21 @@ def test_a_new_cache_is_sharded(tmp_path):
         assert c.num_posters == 2 and c.shard_names and c.id_rows() == {"p0": 0}
 
 
+def test_a_sharded_cache_without_cache_json_is_not_adopted(tmp_path):
+    root = tmp_path / "c"
+    with EmbeddingCache.open(root, ident()) as c:
+        c.add_posters(["a", "b"], unit(2), [(rec(0), "a")])
+    (root / "cache.json").unlink()
+    before = snapshot(root)
+    # another backbone must not take these shards over, and a reader must not guess
+    with pytest.raises(ClipposterError, match=rf"^{root}: holds cache files \(shards.json, shards\) but no "
+                                              r"cache\.json, so the backbone they were made with is unknown"):
+        EmbeddingCache.open(root, ident(weights="other"))
+    with pytest.raises(ClipposterError, match="but no cache.json"):
+        EmbeddingCache.open(root, mode="r")
+    assert snapshot(root) == before
+
+
 def test_a_v1_cache_opens_read_only_and_names_the_migration(tmp_path):
     root = tmp_path / "c"
     v1_cache(root)
