@@ -123,7 +123,7 @@ def _gguf_model(path: Path):
     try:
         from transformers import GgufConfig  # transformers >= 5 keeps GGUF blocks unless told otherwise
     except ImportError:
-        pass
+        pass  # an older transformers dequantises GGUF files on load by itself: nothing to ask for
     else:
         kw["quantization_config"] = GgufConfig(dequantize=True)
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True, **kw)
