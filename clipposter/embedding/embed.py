@@ -160,9 +160,12 @@ class EmbedPlan:
             _skip(self.summary, path, reason, self.strict)
         self.summary.cached -= len(recs) - 1
 
-    def store(self, cache: EmbeddingCache, hashes: Sequence[str], embeddings: np.ndarray) -> None:
-        """Commit the embeddings of new posters with all their records, in one append."""
-        cache.add_posters(hashes, embeddings, [(r, h) for h in hashes for r in self.pending[h]])
+    def store(self, cache: EmbeddingCache, hashes: Sequence[str], embeddings: np.ndarray,
+              tokens: np.ndarray | None = None) -> None:
+        """Commit the embeddings of new posters (and, with `tokens`, their (n, T, D) token sequences)
+        with all their records, in one append."""
+        extra = {} if tokens is None else {"tokens": tokens}
+        cache.add_posters(hashes, embeddings, [(r, h) for h in hashes for r in self.pending[h]], **extra)
         self.summary.encoded += len(hashes)
 
 
