@@ -53,6 +53,7 @@ class EmbedSummary:
     encode_seconds: float = 0.0  # decoding and encoding the new posters (the backbone already loaded)
     decode: str = "cpu"  # where JPEGs were decoded: "cpu" (Pillow) or "gpu" (gpu_decode.py)
     decode_fallbacks: int = 0  # with "gpu": posters decoded by the CPU path instead (not a plain JPEG, …)
+    tokens: bool = False  # whether the new posters' token sequences were stored too
 
     @property
     def posters_per_second(self) -> float | None:
@@ -64,7 +65,7 @@ class EmbedSummary:
         return {"records": self.records, "encoded": self.encoded, "cached": self.cached,
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "posters_per_second": None if rate is None else round(rate, 2),
-                "decode": self.decode, "decode_fallbacks": self.decode_fallbacks,
+                "decode": self.decode, "decode_fallbacks": self.decode_fallbacks, "tokens": self.tokens,
                 "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
 
@@ -207,6 +208,27 @@ def plan_embedding(records: Sequence[PosterRecord], cache: EmbeddingCache, *, wo
 BackboneSource = Union["Backbone", Callable[[], "Backbone"], None]
 
 
+def resolve_tokens(cache: EmbeddingCache, tokens: bool | None) -> bool:
+    """Whether an embed run into `cache` stores token sequences. A cache keeps one choice for all its
+    posters, so that a head reading tokens can read them for every poster: None follows the cache
+    (tokens when its posters have them; an empty cache: none); True on a cache whose posters lack them,
+    or False on one whose posters have them, is refused."""
+    if tokens is not None and not isinstance(tokens, bool):
+        raise ConfigError("tokens", f"must be True, False or None, got {tokens!r}")
+    has_posters = cache.num_posters > 0
+    stored = getattr(cache, "token_shape", None) is not None and has_posters
+    if tokens is None:
+        return stored
+    if tokens and has_posters and not stored:
+        raise ConfigError("tokens", f"is set, but the {cache.num_posters} posters of the cache {cache.root} are "
+                                    f"stored without token sequences (a cache keeps one choice for all its posters); "
+                                    f"embed with tokens into a new cache")
+    if not tokens and stored:
+        raise ConfigError("tokens", f"is off, but the cache {cache.root} stores a token sequence for each of its "
+                                    f"posters; leave it unset (the cache's choice is kept)")
+    return tokens
+
+
 class _LazyBackbone:
     """The backbone of `source` (a Backbone, or a function that loads one), loaded on the first call
     only and checked against `cache` then. A Backbone given is checked at once, before any work."""
@@ -235,21 +257,24 @@ class _LazyBackbone:
 def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbone: BackboneSource, *,
                   batch_size: int = 64, workers: int | None = None, strict: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                  progress: bool = True, decode: str = "cpu") -> EmbedSummary:
+                  progress: bool = True, decode: str = "cpu", tokens: bool | None = None) -> EmbedSummary:
     """Encode the posters of `records` that the cache lacks and store every usable record.
 
     backbone: a Backbone, or a function returning one, called only when some poster is new (so a
     rerun over cached posters loads no model). decode: "cpu" (Pillow, in `workers` threads), "gpu"
     (JPEGs decoded in batches on the backbone's CUDA device, the rest on the CPU; gpu_decode.py) or
-    "auto" (the GPU when the backbone runs on one)."""
+    "auto" (the GPU when the backbone runs on one). tokens: also store each new poster's ViT token
+    sequence (`Backbone.encode_image_tokens`); None follows the cache (`resolve_tokens`)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
     check_decode(decode)
+    tokens = resolve_tokens(cache, tokens)
     get_backbone = _LazyBackbone(backbone, cache)
     started = time.perf_counter()
     # Pass 1: content hashes; what the cache holds costs nothing more.
     plan = plan_embedding(records, cache, workers=workers, strict=strict, max_bytes=max_bytes, progress=progress)
     summary = plan.summary
+    summary.tokens = tokens
 
     # Pass 2: decode ahead of the model, encode in batches, commit each batch.
     todo = plan.todo
@@ -269,18 +294,28 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     encode_started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
-    encoded: list[tuple[list[str], np.ndarray]] = []  # encoded batches not yet written
+    # Encoded batches not yet written: (hashes, embeddings, token sequences or None). Token sequences
+    # wait in the cache's dtype: FLUSH_ROWS of ViT-B-32's are 8,192 × 51 KB = 420 MB in float16.
+    encoded: list[tuple[list[str], np.ndarray, np.ndarray | None]] = []
+    token_dtype = np.dtype(cache.dtype)
 
     def store() -> None:
         if encoded:
-            plan.store(cache, [h for hs, _ in encoded for h in hs], np.concatenate([e for _, e in encoded]))
+            seqs = np.concatenate([t for _, _, t in encoded]) if tokens else None
+            plan.store(cache, [h for hs, _, _ in encoded for h in hs], np.concatenate([e for _, e, _ in encoded]),
+                       tokens=seqs)
             encoded.clear()
 
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
-        emb = model.encode_image_tensors(torch.stack([t for _, t in batch]))
-        encoded.append(([h for h, _ in batch], np.asarray(emb)))
+        pixels = torch.stack([t for _, t in batch])
+        if tokens:
+            emb, seqs = model.encode_image_tokens(pixels)
+            seqs = np.asarray(seqs, dtype=token_dtype)
+        else:
+            emb, seqs = model.encode_image_tensors(pixels), None
+        encoded.append(([h for h, _ in batch], np.asarray(emb), seqs))
         bar.update(len(batch))  # the bar's rate is posters/s
-        if sum(len(hs) for hs, _ in encoded) >= FLUSH_ROWS:
+        if sum(len(hs) for hs, _, _ in encoded) >= FLUSH_ROWS:
             store()
 
     batch: list[tuple[str, torch.Tensor]] = []
@@ -345,6 +380,7 @@ class ResolvedPoster:
     row: int | None = None  # the cache row it came from (cached posters)
     content_hash: str | None = None  # of the file's bytes (files only)
     error: str | None = None  # why it has no embedding
+    tokens: np.ndarray | None = None  # float32 (T, D) token sequence, when asked for (`tokens=True`)
 
     @property
     def ok(self) -> bool:
@@ -391,6 +427,15 @@ class ResolvedPosters:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([p.embedding for p in usable]).astype(np.float32, copy=False)
 
+    def token_sequences(self) -> np.ndarray:
+        """(usable posters, T, D) float32 token sequences, in the order given (`tokens=True` only)."""
+        usable = self.usable
+        if not usable:
+            return np.zeros((0, 0, self.dim), np.float32)
+        if any(p.tokens is None for p in usable):
+            raise ClipposterError("these posters were resolved without token sequences; resolve them with tokens")
+        return np.stack([p.tokens for p in usable]).astype(np.float32, copy=False)
+
     def raise_first_failure(self) -> None:
         """Raise PosterError for the first poster without an embedding, if any."""
         for p in self.items:
@@ -401,7 +446,7 @@ class ResolvedPosters:
 def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCache | None = None,
                     backbone: BackboneSource = None, ids: bool = False, batch_size: int = 64,
                     max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                    progress: bool = False) -> ResolvedPosters:
+                    progress: bool = False, tokens: bool = False) -> ResolvedPosters:
     """Embeddings of posters: from `cache` where it holds the file's content (or, with `ids`, where the
     argument is not a file but a poster id of the cache), else encoded through `backbone` by the same
     decode path as `embed`. Each file is read and hashed once; its bytes are decoded from memory.
@@ -409,6 +454,9 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
     backbone: a Backbone, or a function returning one, called only when some poster must be encoded
     (so a call that finds everything cached never loads a model); None: uncached posters fail.
     Failures (missing, unreadable, not an image, an unknown id) are reported per poster, not raised.
+
+    tokens: also give each poster's token sequence (`Backbone.encode_image_tokens`): from the cache
+    when it stores them, else the file is encoded (a poster id alone then fails: it has no file).
     """
     from tqdm.auto import tqdm
 
@@ -417,6 +465,9 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
     if cache is None and backbone is None:
         raise ConfigError("backbone", "is needed when no cache is given (nothing else can embed a poster)")
     items = [ResolvedPoster(str(p)) for p in posters]
+    # with tokens, the cache serves a poster only when it stores token sequences
+    cache_serves = cache is not None and (not tokens or getattr(cache, "token_shape", None) is not None)
+    no_tokens = "the cache stores no token sequence for it, and a poster id has no file to encode"
     # a backbone given is checked against the cache here, before any work; a factory on first use
     get_backbone = _LazyBackbone(backbone, cache)
     loaders: dict = {}
@@ -438,6 +489,8 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
                 if row is None:
                     item.error = ("not an image file nor a poster id in the cache" if cache is not None
                                   else "not an image file")
+                elif not cache_serves:
+                    item.error = no_tokens
                 else:
                     item.row, item.source = row, "cache"
                 continue
@@ -447,14 +500,18 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
                 item.error = exc.reason
                 continue
             item.content_hash = content_hash(data[n])
-        known = cache.rows_for_hashes(p.content_hash for p in chunk if p.content_hash) if cache is not None else {}
+        known = cache.rows_for_hashes(p.content_hash for p in chunk if p.content_hash) if cache_serves else {}
         for item in chunk:
             if item.content_hash in known:
                 item.row, item.source = known[item.content_hash], "cache"
         cached = [p for p in chunk if p.source == "cache"]
         if cached:
-            for item, vec in zip(cached, cache.embeddings_for_rows([p.row for p in cached])):
+            rows = [p.row for p in cached]
+            for item, vec in zip(cached, cache.embeddings_for_rows(rows)):
                 item.embedding = vec
+            if tokens:
+                for item, seq in zip(cached, cache.tokens_for_rows(rows)):
+                    item.tokens = np.asarray(seq, dtype=np.float32)
         todo = [(n, p) for n, p in enumerate(chunk) if p.error is None and p.source != "cache"]
         if todo:
             if backbone is None:
@@ -471,8 +528,14 @@ def resolve_posters(posters: Sequence[str | os.PathLike], *, cache: EmbeddingCac
                     except PosterError as exc:
                         item.error = exc.reason
                 if pixels:
-                    for (item, _), vec in zip(pixels, model.encode_image_tensors(torch.stack([t for _, t in pixels]))):
+                    stacked = torch.stack([t for _, t in pixels])
+                    if tokens:
+                        vecs, seqs = model.encode_image_tokens(stacked)
+                    else:
+                        vecs, seqs = model.encode_image_tensors(stacked), [None] * len(pixels)
+                    for (item, _), vec, seq in zip(pixels, vecs, seqs):
                         item.embedding, item.source = np.asarray(vec, dtype=np.float32), "encoded"
+                        item.tokens = None if seq is None else np.asarray(seq, dtype=np.float32)
         bar.update(len(chunk))
     bar.close()
     if cache is not None:

@@ -1,0 +1,94 @@
+"""`embed` with token sequences: stored beside the pooled embedding, one choice per cache, and served
+(or encoded) by the resolver that `predict` uses."""
+import numpy as np
+import pytest
+import torch
+
+from clipposter.embedding.cache import EmbeddingCache
+from clipposter.embedding.embed import embed_records, make_loader, resolve_posters, resolve_tokens
+from clipposter.errors import ConfigError
+from clipposter.records import PosterRecord
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def copies(records, start, stop):
+    return [PosterRecord.from_dict(r.to_dict()) for r in records[start:stop]]
+
+
+def reference(backbone, records):
+    """Pooled embeddings and token sequences of the posters' files, by embed's own decode path."""
+    load = make_loader(backbone)
+    return backbone.encode_image_tokens(torch.stack([load(r.image) for r in records]))
+
+
+def test_embed_with_tokens_stores_the_backbone_token_sequence_of_every_poster(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    recs = copies(records, 0, 21)
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity)
+    summary = embed_records(recs, cache, tiny_backbone, batch_size=8, progress=False, tokens=True)
+    assert summary.encoded == 21 and summary.tokens and summary.to_dict()["tokens"] is True
+    assert cache.token_shape == (65, 64)
+    pooled, seqs = reference(tiny_backbone, recs)
+    ids = [r.id for r in recs]
+    stored = cache.tokens_for_ids(ids)
+    assert stored.shape == (21, 65, 64) and stored.dtype == np.float16
+    np.testing.assert_allclose(stored.astype(np.float32), seqs, atol=2e-3)
+    # The pooled embeddings are the ones an embed run without tokens stores.
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
+    embed_records(copies(records, 0, 21), plain, tiny_backbone, batch_size=8, progress=False)
+    np.testing.assert_array_equal(cache.embeddings_for_ids(ids), plain.embeddings_for_ids(ids))
+    assert plain.token_shape is None
+    # Reopened from disk, the tokens are still there.
+    cache.close()
+    with EmbeddingCache.open(tmp_path / "c", mode="r") as again:
+        np.testing.assert_array_equal(again.tokens_for_ids(ids[::-1]), stored[::-1])
+
+
+def test_a_cache_keeps_one_token_choice_for_all_its_posters(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    tok = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity)
+    assert resolve_tokens(tok, None) is False  # an empty cache: none unless asked
+    embed_records(copies(records, 0, 10), tok, tiny_backbone, progress=False, tokens=True)
+    # A later run that does not say follows the cache: the new posters get tokens too.
+    later = embed_records(copies(records, 10, 16), tok, tiny_backbone, progress=False)
+    assert later.tokens and tok.token_shape == (65, 64)
+    assert tok.tokens_for_ids([r.id for r in records[:16]]).shape == (16, 65, 64)
+    with pytest.raises(ConfigError) as off:
+        embed_records(copies(records, 16, 18), tok, tiny_backbone, progress=False, tokens=False)
+    assert off.value.field == "tokens" and "stores a token sequence" in str(off.value)
+
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
+    embed_records(copies(records, 0, 5), plain, tiny_backbone, progress=False)
+    with pytest.raises(ConfigError) as on:
+        embed_records(copies(records, 5, 8), plain, tiny_backbone, progress=False, tokens=True)
+    assert on.value.field == "tokens" and "into a new cache" in str(on.value) and "\n" not in str(on.value)
+    assert plain.num_posters == 5 and plain.token_shape is None  # nothing was written by the refused runs
+    assert tok.num_posters == 16
+
+
+def test_resolving_with_tokens_reads_the_cache_or_encodes_the_file(tmp_path, tiny_backbone, synthetic_set):
+    _, records = synthetic_set
+    cache = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity)
+    embed_records(copies(records, 0, 6), cache, tiny_backbone, progress=False, tokens=True)
+    files = [r.image for r in records[:8]]  # 6 cached, 2 new
+    passes = tiny_backbone.image_forward_passes
+    got = resolve_posters(files, cache=cache, backbone=tiny_backbone, tokens=True)
+    assert [p.source for p in got] == ["cache"] * 6 + ["encoded"] * 2
+    assert tiny_backbone.image_forward_passes == passes + 1  # the two new files only, in one batch
+    seqs = got.token_sequences()
+    pooled, ref = reference(tiny_backbone, records[:8])
+    assert seqs.shape == (8, 65, 64) and seqs.dtype == np.float32
+    np.testing.assert_allclose(seqs, ref, atol=2e-3)
+    np.testing.assert_allclose(got.embeddings(), pooled, atol=2e-3)
+
+    # A cache without tokens serves no poster: files are encoded, a bare id fails with its reason.
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
+    embed_records(copies(records, 0, 3), plain, tiny_backbone, progress=False)
+    mixed = resolve_posters([records[0].image, records[1].id], cache=plain, backbone=tiny_backbone, ids=True,
+                            tokens=True)
+    assert mixed[0].source == "encoded" and mixed[0].tokens.shape == (65, 64)
+    assert not mixed[1].ok and "no token sequence" in mixed[1].error
+    # Without tokens, the same cache serves both.
+    assert [p.source for p in resolve_posters([records[0].image, records[1].id], cache=plain, ids=True)] == \
+        ["cache", "cache"]
