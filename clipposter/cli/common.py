@@ -180,6 +180,8 @@ def flag_for(parser: argparse.ArgumentParser, field: str) -> str:
             continue
         if action.option_strings:
             longs = [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse.BooleanOptionalAction):  # --tokens / --no-tokens: the positive one
+                longs = [o for o in longs if not o.startswith("--no-")]
             return max(longs or action.option_strings, key=len)
         return action.metavar or action.dest.upper()
     return "--" + field.replace("_", "-")

@@ -1,6 +1,8 @@
 """Cache commands: `embed` (posters → embedding cache), `cache info`, `synth` and `download`."""
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 from clipposter.cli import cache as cache_commands
@@ -11,7 +13,7 @@ from clipposter.errors import ClipposterError, ConfigError
 
 def cmd_embed(args) -> int:
     from clipposter.embedding.cache import EmbeddingCache
-    from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts
+    from clipposter.embedding.embed import embed_records, embed_texts, reference_and_prompt_texts, resolve_tokens
     from clipposter.embedding.gpu_decode import check_decode
     from clipposter.ingest.sources import SourceStats
 
@@ -34,6 +36,12 @@ def cmd_embed(args) -> int:
         backbone = backbone_from_args(args)
         cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype or "float16",
                                     backbone_spec=backbone.spec)
+    try:
+        tokens = resolve_tokens(cache, args.tokens)
+    except ConfigError:
+        cache.close()
+        raise
+    token_plan = token_estimate(cache, backbone, len(records), args.source) if tokens else None
     if args.engine == "ray":
         from clipposter.embedding.ray_engine import embed_records_ray
 
@@ -45,13 +53,14 @@ def cmd_embed(args) -> int:
     else:
         summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
                                 strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                                progress=not args.json, decode=args.decode)
+                                progress=not args.json, decode=args.decode, tokens=tokens)
     texts = 0
     if not args.no_texts:
         texts = embed_texts(cache, backbone, reference_and_prompt_texts(records), progress=not args.json)
     info = cache.info()
     cache.close()  # a closed cache rests in a state readers open without writing
-    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict(), "source": source.to_dict()}
+    payload = {"summary": summary.to_dict(), "texts": texts, "cache": info.to_dict(), "source": source.to_dict(),
+               "tokens": token_plan}
     lines = [summary_line(summary),
              f"{texts} distinct texts cached (taglines, overviews, genre prompts)",
              f"cache {info.path}: {info.posters} posters, {info.records} records, {info.texts} texts"]
@@ -59,6 +68,29 @@ def cmd_embed(args) -> int:
     if summary.skipped and summary.skipped == summary.records:
         raise ClipposterError(f"{args.source}: none of the {summary.records} posters could be used")
     return 0
+
+
+def token_estimate(cache, backbone, posters: int, source: str) -> dict:
+    """What storing token sequences costs, printed (to stderr) before any poster is read: the shape and
+    bytes per poster, and at most how much the run adds (every poster of the source new). A warning
+    when that is more than the cache's disk has free."""
+    import shutil
+
+    shape = getattr(cache, "token_shape", None)
+    if shape is None:  # a new (or empty) cache: the backbone's shape, read from its config if not loaded
+        from clipposter.embedding.backbone import token_shape
+
+        shape = token_shape(backbone if hasattr(backbone, "token_shape") else cache.identity)
+    t, w = shape
+    per_poster = t * w * (2 if cache.dtype == "float16" else 4)
+    at_most = per_poster * posters
+    free = shutil.disk_usage(cache.root).free
+    print(f"tokens: {t} × {w} {cache.dtype} per poster ({human_bytes(per_poster)}); the {posters} posters of "
+          f"{source} add at most {human_bytes(at_most)} ({human_bytes(free)} free)", file=sys.stderr)
+    if at_most > free:
+        warn([f"the token sequences of {posters} posters may need {human_bytes(at_most)}, more than the "
+              f"{human_bytes(free)} free under {cache.root}"])
+    return {"shape": [t, w], "bytes_per_poster": per_poster, "at_most_bytes": at_most, "free_bytes": free}
 
 
 def ray_pretrained(args) -> str | None:
@@ -122,12 +154,26 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def token_line(cache, posters: int) -> tuple[dict | None, str]:
+    """The token sequences a cache stores, for `cache info`: (JSON, text)."""
+    shape = getattr(cache, "token_shape", None)
+    if shape is None or not posters:
+        some = getattr(cache, "has_some_tokens", False)
+        return None, ("for some posters only (a head reading tokens cannot use this cache)" if some
+                      else "none (one pooled embedding per poster; `embed --tokens` stores them)")
+    t, w = shape
+    per_poster = t * w * (2 if cache.dtype == "float16" else 4)
+    return ({"shape": [t, w], "bytes_per_poster": per_poster, "bytes": per_poster * posters},
+            f"{t} × {w} per poster ({human_bytes(per_poster)}), {human_bytes(per_poster * posters)} in all")
+
+
 def cmd_cache_info(args) -> int:
     from clipposter.embedding.identity import BackboneIdentity
     from clipposter.embedding.cache import EmbeddingCache
 
     with EmbeddingCache.open(args.cache, mode="r") as cache:
         info = cache.info()
+        token_info = token_line(cache, info.posters)
     bb = BackboneIdentity.from_dict(info.backbone)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(info.splits.items())) or "none"
     random_note = " — random weights: the embeddings carry no meaning" if bb.is_random else ""
@@ -137,15 +183,21 @@ def cmd_cache_info(args) -> int:
             f"posters    {info.posters} distinct images\n"
             f"records    {info.records} ({splits})\n"
             f"texts      {info.texts}\n"
+            f"tokens     {token_info[1]}\n"
             f"on disk    {human_bytes(info.bytes_on_disk)}")
-    emit(args, {**info.to_dict(), "random_weights": bb.is_random}, text)
+    emit(args, {**info.to_dict(), "random_weights": bb.is_random, "tokens": token_info[0]}, text)
     return 0
 
 
 def cmd_synth(args) -> int:
     from clipposter.ingest.synthetic import generate_posters
 
-    records = generate_posters(args.out, n=args.n, seed=args.seed, progress=not args.json)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ClipposterError(f"--size must be WIDTHxHEIGHT in pixels (like 200x300), got {args.size!r}") from None
+    records = generate_posters(args.out, n=args.n, seed=args.seed, size=(width, height), cue=args.cue,
+                               progress=not args.json)
     manifest = Path(args.out) / "manifest.csv"
     emit(args, {"posters": len(records), "manifest": str(manifest)},
          f"{len(records)} synthetic posters; manifest {manifest}")
@@ -198,6 +250,11 @@ def register(sub) -> None:
                    help="where JPEGs are decoded: cpu (Pillow, the default), gpu (in batches on the CUDA device, "
                         "the rest on the CPU; embeddings close to, not equal to, cpu's) or auto (gpu when the "
                         "backbone runs on one)")
+    p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store each poster's ViT token sequence (the pooled token and one per patch, "
+                        "projected: ViT-B-32 50 × 512, 51 KB a poster in float16), for heads that attend over "
+                        "patches (train genres --memory tokens); the size is printed before the run. An "
+                        "existing cache keeps its own choice")
     p.add_argument("--dtype", default=None, choices=["float16", "float32"],
                    help="stored embedding type of a new cache (default float16); an existing cache keeps its own")
     g = p.add_argument_group("engine")
@@ -229,6 +286,10 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="output folder (posters/ and manifest.csv)")
     p.add_argument("-n", type=int, default=200, help="number of posters")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="200x300", metavar="WxH", help="poster size in pixels (default 200x300)")
+    p.add_argument("--cue", default="global", choices=["global", "region"],
+                   help="global: a genre's art fills the poster (default); region: it fills one quadrant and "
+                        "decoy art the rest (a test of heads that attend over patches, train genres --memory tokens)")
     add_json_flag(p)
     p.set_defaults(func=cmd_synth)
 

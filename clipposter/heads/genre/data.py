@@ -205,7 +205,8 @@ def require_tokens(cache) -> tuple[int, int]:
         some = getattr(cache, "has_some_tokens", False)
         raise ConfigError("memory", f"'tokens' needs ViT token sequences, but the cache {cache.root} stores one "
                                     f"pooled embedding per poster{' (and tokens for only some)' if some else ''}; "
-                                    f"embed the posters with their token sequences into a new cache, "
+                                    f"embed the posters with their token sequences into a new cache "
+                                    f"(`clipposter embed SOURCE --cache NEW --tokens`), "
                                     f"or train with memory='pooled'")
     return tuple(shape)
 

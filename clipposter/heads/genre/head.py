@@ -178,10 +178,6 @@ class GenreHead:
         Unreadable posters are collected in `failed`, not raised."""
         from clipposter.embedding.embed import resolve_posters
 
-        if self.memory == "tokens":
-            raise ClipposterError("this head reads ViT token sequences, which predicting from poster files does "
-                                  "not provide yet; score it on a cache embedded with tokens (evaluate), or use a "
-                                  "head trained with memory='pooled'")
         if cache is not None:
             self.check_backbone(cache.identity, f"the cache {cache.root}")
 
@@ -193,13 +189,17 @@ class GenreHead:
             self.check_backbone(backbone.identity, "the backbone given")
             return backbone
 
+        # A token-memory head reads each poster's token sequence: from a cache that stores them, else
+        # the file is encoded (one forward pass gives the pooled embedding and the tokens).
+        by_tokens = self.memory == "tokens"
         resolved = resolve_posters(paths, cache=cache, backbone=head_backbone, batch_size=batch_size,
-                                   progress=progress)
+                                   progress=progress, tokens=by_tokens)
         result = PredictResult(failed=resolved.failed, encoded=resolved.encoded, from_cache=resolved.from_cache)
         usable = resolved.usable
         if usable:
             result.predictions = self.describe_predictions([p.poster for p in usable],
-                                                           self.predict_proba(resolved.embeddings()),
+                                                           self.predict_proba(resolved.token_sequences() if by_tokens
+                                                                              else resolved.embeddings()),
                                                            [p.source for p in usable], threshold, top_k)
         return result
 
