@@ -31,6 +31,9 @@ from clipposter.records import PosterRecord
 # Posters encoded before they are written to the cache as one shard (and at the end of a run): a
 # killed run loses at most this many encoded posters, which the next run encodes again.
 FLUSH_ROWS = 8192
+# With token sequences, fewer posters wait when theirs would take more than this many bytes
+# (ViT-B-32: 51 KB a poster, all 8,192 fit; ViT-L-14: 395 KB a poster, 1,358 do).
+TOKEN_FLUSH_BYTES = 512 * 2**20
 
 if TYPE_CHECKING:  # torch is imported where posters are encoded: a fully cached run never loads it
     import torch
@@ -295,9 +298,13 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
 
     # Encoded batches not yet written: (hashes, embeddings, token sequences or None). Token sequences
-    # wait in the cache's dtype: FLUSH_ROWS of ViT-B-32's are 8,192 × 51 KB = 420 MB in float16.
+    # wait in the cache's dtype, at most TOKEN_FLUSH_BYTES of them.
     encoded: list[tuple[list[str], np.ndarray, np.ndarray | None]] = []
     token_dtype = np.dtype(cache.dtype)
+    flush_rows = FLUSH_ROWS
+    if tokens:
+        t, d = model.token_shape
+        flush_rows = max(1, min(FLUSH_ROWS, TOKEN_FLUSH_BYTES // (t * d * token_dtype.itemsize)))
 
     def store() -> None:
         if encoded:
@@ -315,7 +322,7 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
             emb, seqs = model.encode_image_tensors(pixels), None
         encoded.append(([h for h, _ in batch], np.asarray(emb), seqs))
         bar.update(len(batch))  # the bar's rate is posters/s
-        if sum(len(hs) for hs, _, _ in encoded) >= FLUSH_ROWS:
+        if sum(len(hs) for hs, _, _ in encoded) >= flush_rows:
             store()
 
     batch: list[tuple[str, torch.Tensor]] = []

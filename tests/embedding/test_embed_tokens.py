@@ -92,3 +92,20 @@ def test_resolving_with_tokens_reads_the_cache_or_encodes_the_file(tmp_path, tin
     # Without tokens, the same cache serves both.
     assert [p.source for p in resolve_posters([records[0].image, records[1].id], cache=plain, ids=True)] == \
         ["cache", "cache"]
+
+
+def test_token_sequences_are_written_before_they_pass_the_memory_limit(tmp_path, tiny_backbone, synthetic_set,
+                                                                       monkeypatch):
+    import clipposter.embedding.embed as embed_module
+    from clipposter.embedding import shard_files as sf
+
+    _, records = synthetic_set
+    # clipposter-tiny: 65 × 64 × 2 = 8,320 bytes a poster; a limit of 3 posters' worth writes a shard
+    # after every batch of 4 (the batch that passes it), not one at the end.
+    monkeypatch.setattr(embed_module, "TOKEN_FLUSH_BYTES", 3 * 8320)
+    cache = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity)
+    embed_records(copies(records, 0, 12), cache, tiny_backbone, batch_size=4, progress=False, tokens=True)
+    assert len([e for e in sf.read_index(cache.root) if e.posters]) == 3
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
+    embed_records(copies(records, 0, 12), plain, tiny_backbone, batch_size=4, progress=False)
+    assert len([e for e in sf.read_index(plain.root) if e.posters]) == 1
