@@ -33,7 +33,8 @@ def test_quick_run_on_cpu_reports_every_figure(tmp_path):
     emb = result["embedding"]
     assert emb["posters"] == 24 and emb["gpu_decode_fallbacks"] == 0 and emb["weights"].startswith("random")
     for key in ("model_alone_posters_per_second", "cpu_decode_posters_per_second", "cpu_decode_end_to_end",
-                "gpu_decode_posters_per_second", "gpu_decode_end_to_end", "gpu_over_cpu_decode"):
+                "gpu_decode_posters_per_second", "gpu_decode_end_to_end", "gpu_over_cpu_decode",
+                "gpu_decode_tokens_posters_per_second", "tokens_over_pooled"):
         assert emb[key] > 0, key
     genre = result["genre_training"]
     assert genre["epochs"] == 1 and genre["seconds_per_epoch"] > 0 and genre["dim"] == 64
@@ -48,10 +49,10 @@ def test_quick_run_on_cpu_reports_every_figure(tmp_path):
     shown = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--table", str(saved)],
                            capture_output=True, text=True, timeout=60, env=env())
     lines = shown.stdout.splitlines()
-    assert shown.returncode == 0 and len(lines) == 7 and lines[0].startswith("no GPU (cpu) · 24 posters")
+    assert shown.returncode == 0 and len(lines) == 8 and lines[0].startswith("no GPU (cpu) · 24 posters")
     assert [line.split("  ")[0] for line in lines[1:]] == [
         "embedding: model alone", "embedding: CPU decode (2 threads)", "embedding: GPU decode (cpu)",
-        "genre head training", "caption training", "tagline generation"]
+        "embedding: GPU decode + tokens", "genre head training", "caption training", "tagline generation"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

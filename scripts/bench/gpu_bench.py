@@ -99,14 +99,15 @@ def bench_model(backbone, records, batch_size: int, seconds: float = 3.0) -> flo
     return n * batch_size / (time.perf_counter() - started)
 
 
-def bench_embed(backbone, records, root: Path, batch_size: int, workers: int, decode: str) -> dict:
+def bench_embed(backbone, records, root: Path, batch_size: int, workers: int, decode: str,
+                tokens: bool = False) -> dict:
     from clipposter.embedding.cache import EmbeddingCache
     from clipposter.embedding.embed import embed_records
 
     cache = EmbeddingCache.open(root, backbone.identity)
     try:
         s = embed_records(records, cache, backbone, batch_size=batch_size, workers=workers, progress=False,
-                          decode=decode)
+                          decode=decode, tokens=tokens)
     finally:
         cache.close()
     if s.encoded != len(records):
@@ -134,6 +135,9 @@ def embedding_stage(args, cfg, records, work: Path, device: str) -> tuple[dict, 
         for decode in ("cpu", "gpu"):
             runs[decode].append(bench_embed(backbone, records, work / "caches" / f"{decode}-{r}", bs, workers,
                                             decode))
+    # One run that also stores every poster's token sequence (embed --tokens: ViT-B-32 50 × 512 fp16,
+    # 51 KB a poster written to the cache's shards).
+    with_tokens = bench_embed(backbone, records, work / "caches" / "gpu-tokens", bs, workers, "gpu", tokens=True)
     model = bench_model(backbone, records, bs, seconds=0.5 if args.quick else 3.0)
 
     def median(decode, key):
@@ -152,6 +156,8 @@ def embedding_stage(args, cfg, records, work: Path, device: str) -> tuple[dict, 
         "gpu_decode_fallbacks": max(run["fallbacks"] for run in runs["gpu"]),
         "gpu_decode_device": str(backbone.device),
         "gpu_over_cpu_decode": round(gpu / cpu, 3), "gpu_decode_over_model": round(gpu / model, 3),
+        "gpu_decode_tokens_posters_per_second": round(with_tokens["posters_per_second"], 1),
+        "tokens_over_pooled": round(with_tokens["posters_per_second"] / gpu, 3),
         "target_posters_per_second": 5000,
     }
     return result, backbone
@@ -252,6 +258,8 @@ def table(result: dict) -> str:
         (f"embedding: GPU decode ({e['gpu_decode_device']})", f"{e['gpu_decode_posters_per_second']:,.0f} posters/s",
          f"{e['gpu_over_cpu_decode']:.2f} × CPU decode, {e['gpu_decode_over_model']:.2f} × model; end to end "
          f"{e['gpu_decode_end_to_end']:,.0f}/s; {e['gpu_decode_fallbacks']} fallbacks; target 5,000"),
+        ("embedding: GPU decode + tokens", f"{e['gpu_decode_tokens_posters_per_second']:,.0f} posters/s",
+         f"embed --tokens (one run): {e['tokens_over_pooled']:.2f} × the pooled cache's rate"),
         ("genre head training", f"{g['seconds_per_epoch']:.2f} s/epoch",
          f"{g['posters']:,} × {g['dim']}, {g['genres']} genres, batch 256, CPU ({g['torch_threads']} threads)"),
         ("caption training", f"{c['tokens_per_second']:,.0f} tokens/s",
