@@ -3,7 +3,8 @@ over a Ray cluster (or a local Ray on this machine).
 
     driver:  hashing pass (plan_embedding: de-duplication against the cache and within the run)
     Ray:     posters ─► decode + preprocess (CPU tasks) ─► encode (a pool of actors, each holding the
-             backbone, on GPUs when asked) ─► blocks of embeddings streamed back to the driver
+             backbone, on GPUs when asked) ─► blocks of embeddings (and, with `tokens`, each poster's
+             token sequence in the cache's dtype) streamed back to the driver
     driver:  one committed cache append per block
 
 Only the driver writes the cache, through its public append, so the cache's crash safety holds as for
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipposter.embedding.cache import EmbeddingCache
-from clipposter.embedding.embed import EmbedSummary, make_loader, plan_embedding
+from clipposter.embedding.embed import EmbedSummary, make_loader, plan_embedding, resolve_tokens
 from clipposter.embedding.identity import BackboneIdentity
 from clipposter.embedding.weights import check_choice
 from clipposter.errors import ClipposterError, ConfigError, PosterError, cause_line
@@ -82,23 +83,35 @@ def decode_batch(batch: dict, *, identity: dict, max_pixels: int, max_bytes: int
 
 class PosterEncoder:
     """A Ray Data actor: loads the cache's backbone once (checked against the cache's identity) and
-    turns batches of pixels into L2-normalised float32 embeddings."""
+    turns batches of pixels into L2-normalised float32 embeddings; with `tokens` (the cache's dtype,
+    e.g. "float16"), also each poster's token sequence (`Backbone.encode_image_tokens`) in that dtype,
+    which is what the cache stores and keeps the object store's share small."""
 
-    def __init__(self, identity: dict, spec: dict | None, pretrained: str | None, device: str, precision: str):
+    def __init__(self, identity: dict, spec: dict | None, pretrained: str | None, device: str, precision: str,
+                 tokens: str | None = None):
         from clipposter.embedding.backbone import load_backbone_like
 
         self.backbone = load_backbone_like(BackboneIdentity.from_dict(identity), spec, pretrained=pretrained,
                                            device=device, precision=precision)
+        self.token_dtype = None if tokens is None else np.dtype(tokens)
+        # a backbone without a ViT token sequence is refused here, once, before any batch
+        self.token_shape = None if tokens is None else self.backbone.token_shape
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         ok = np.asarray(batch["error"] == "", dtype=bool)
         emb = np.zeros((len(ok), self.backbone.embed_dim), np.float32)
+        out = {"hash": batch["hash"], "path": batch["path"], "error": batch["error"], "embedding": emb}
+        if self.token_shape is not None:
+            out["tokens"] = np.zeros((len(ok), *self.token_shape), self.token_dtype)
         if ok.any():
             pixels: torch.Tensor = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            emb[ok] = self.backbone.encode_image_tensors(pixels)
-        return {"hash": batch["hash"], "path": batch["path"], "error": batch["error"], "embedding": emb}
+            if self.token_shape is None:
+                emb[ok] = self.backbone.encode_image_tensors(pixels)
+            else:
+                emb[ok], out["tokens"][ok] = self.backbone.encode_image_tokens(pixels)
+        return out
 
 
 def _check_settings(batch_size, concurrency, gpus_per_worker) -> None:
@@ -148,7 +161,8 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
                       address: str | None = None, concurrency: int | None = None,
                       gpus_per_worker: float | None = None, batch_size: int = 64, device: str = "auto",
                       precision: str = "auto", strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = True) -> EmbedSummary:
+                      max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = True,
+                      tokens: bool | None = None) -> EmbedSummary:
     """`embed_records` on Ray Data: encode the posters of `records` that `cache` lacks with the backbone
     the cache records (`pretrained`: its checkpoint's new path, when it moved), and store every usable
     record. Returns the same summary, with the same counts, as the local engine.
@@ -157,15 +171,19 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
     process already connected to Ray uses that connection. concurrency: encoder actors (default: one
     per `gpus_per_worker` GPUs of the cluster, else one per two CPUs). gpus_per_worker: GPUs each
     actor holds (default: 1 when the cluster has GPUs, else 0). batch_size: posters per encoder call
-    and per committed block. A run with nothing new to encode starts no Ray.
+    and per committed block. tokens: also store each new poster's ViT token sequence, as the local
+    engine does; None follows the cache (`resolve_tokens`: tokens when its posters have them). A run
+    with nothing new to encode starts no Ray.
     """
     _check_settings(batch_size, concurrency, gpus_per_worker)
+    tokens = resolve_tokens(cache, tokens)
     identity, spec = cache.identity, cache.backbone_spec
     if pretrained is not None:  # refused here, before any Ray work, when it names other weights
         check_choice(identity, (spec or {}).get("model", identity.model), pretrained, f"the cache {cache.root}")
     started = time.perf_counter()
     plan = plan_embedding(records, cache, strict=strict, max_bytes=max_bytes, progress=progress)
     summary = plan.summary
+    summary.tokens = tokens
     todo = plan.todo
     if not todo:  # everything cached (or unusable): no cluster, no model
         summary.seconds = time.perf_counter() - started
@@ -210,7 +228,8 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
                             fn_constructor_kwargs={"identity": identity.to_dict(), "spec": spec,
                                                    "pretrained": pretrained,
                                                    "device": ("cuda" if gpus else "cpu") if device == "auto" else device,
-                                                   "precision": precision})
+                                                   "precision": precision,
+                                                   "tokens": cache.dtype if tokens else None})
         bar = tqdm(total=len(todo), desc="embedding", unit="poster", disable=not progress)
         try:
             # One block at a time: memory stays bounded, and each block is one committed append.
@@ -220,7 +239,8 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
                     if err:
                         plan.fail(str(block["hash"][i]), reported.get(block["path"][i], block["path"][i]), err)
                 if ok:
-                    plan.store(cache, [str(block["hash"][i]) for i in ok], block["embedding"][ok])
+                    plan.store(cache, [str(block["hash"][i]) for i in ok], block["embedding"][ok],
+                               tokens=block["tokens"][ok] if tokens else None)
                 bar.update(len(block["hash"]))
         except Exception as exc:
             if type(exc).__module__.startswith("clipposter."):

@@ -139,6 +139,48 @@ def test_ray_gives_the_local_engines_embeddings_and_counts(tmp_path, tiny_backbo
 
 
 @pytest.mark.slow
+def test_ray_stores_the_local_engines_token_sequences(tmp_path, tiny_backbone, messy_folder, ray_cluster):
+    """With tokens, every poster's token sequence is stored with its block, as the local engine stores
+    it, and a rerun that leaves `tokens` unset follows the cache: the posters it adds get theirs too, so
+    a genre head with memory="tokens" can read every poster."""
+    from clipposter.heads.genre.data import require_tokens
+
+    records = from_folder(messy_folder)
+    good = sorted((r for r in records if r.id.startswith("syn-")), key=lambda r: r.id)
+    local = EmbeddingCache.open(tmp_path / "local", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records(copies(records), local, tiny_backbone, batch_size=8, tokens=True, progress=False)
+    cache = EmbeddingCache.open(tmp_path / "ray", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    first = embed_records_ray(copies(good[:12]), cache, batch_size=4, concurrency=1, tokens=True, progress=False)
+    assert (first.encoded, first.tokens) == (12, True)
+    rest = embed_records_ray(records, cache, batch_size=4, concurrency=1, progress=False)
+    assert (rest.encoded, rest.cached, rest.skipped, rest.tokens) == (18, 13, 3, True)
+
+    assert cache.token_shape == tiny_backbone.token_shape == require_tokens(cache)
+    ids = sorted(r.id for r in local.records())
+    stored = cache.tokens_for_ids(ids)
+    assert stored.dtype == np.float16 and stored.shape == (len(ids), *tiny_backbone.token_shape)
+    expected = local.tokens_for_ids(ids).astype(np.float32)
+    np.testing.assert_allclose(stored.astype(np.float32), expected, atol=2e-3)
+    cos = np.sum(stored.astype(np.float32) * expected, axis=-1)  # every token row of every poster
+    assert cos.min() >= 0.999
+    # row 0 of a sequence is the poster's pooled embedding
+    np.testing.assert_allclose(stored[:, 0].astype(np.float32), cache.embeddings_for_ids(ids), atol=2e-3)
+    # the poster shown twice shares its row, tokens included
+    np.testing.assert_array_equal(cache.tokens_for_ids(["same-as-first"]), cache.tokens_for_ids(["syn-00000"]))
+
+
+def test_tokens_on_a_cache_without_them_is_refused_before_any_ray_work(tmp_path, tiny_backbone, messy_folder,
+                                                                       monkeypatch):
+    cache = EmbeddingCache.open(tmp_path / "c", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records([r for r in from_folder(messy_folder) if r.id.startswith("syn-")][:4], cache, tiny_backbone,
+                  progress=False)
+    forbid_ray(monkeypatch)
+    with pytest.raises(ClipposterError, match="^tokens is set, but the 4 posters of the cache .* without token"):
+        embed_records_ray(from_folder(messy_folder), cache, tokens=True, progress=False)
+    assert cache.num_posters == 4
+
+
+@pytest.mark.slow
 def test_a_backbone_that_differs_on_the_workers_is_one_line(tmp_path, tiny_backbone, synthetic_set, ray_cluster):
     """The actors check the backbone they load against the cache's identity, as the local engine
     does: here the checkpoint the cache records was replaced by other weights after the cache was made."""
