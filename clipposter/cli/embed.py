@@ -49,7 +49,7 @@ def cmd_embed(args) -> int:
                                     concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
                                     batch_size=args.batch_size, device=args.device, precision=args.precision,
                                     strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                                    progress=not args.json)
+                                    progress=not args.json, tokens=tokens)
     else:
         summary = embed_records(records, cache, backbone, batch_size=args.batch_size, workers=args.workers,
                                 strict=args.strict, max_pixels=args.max_pixels, max_bytes=args.max_bytes,

@@ -97,3 +97,27 @@ def test_predict_with_a_token_head_from_cached_and_new_files(capsys, tmp_path, t
     for a, b in zip(again["predictions"], payload["predictions"]):
         for g, p in b["probabilities"].items():
             assert a["probabilities"][g] == pytest.approx(p, abs=5e-3)  # float16 cache vs float32 encode
+
+
+def test_embed_tokens_reaches_the_ray_engine(capsys, tmp_path, tiny_checkpoint, monkeypatch):
+    """The CLI hands the cache's token choice to the Ray engine (whose token path
+    tests/embedding/test_ray_engine.py checks against the local engine on a local Ray)."""
+    import clipposter.embedding.ray_engine as ray_engine
+    from clipposter.embedding.embed import embed_records
+    from clipposter.embedding.backbone import load_backbone
+
+    seen = []
+
+    def engine(records, cache, *, tokens=None, progress=True, batch_size=64, **_):
+        seen.append(tokens)
+        return embed_records(records, cache, load_backbone("clipposter-tiny", str(tiny_checkpoint), device="cpu"),
+                             tokens=tokens, progress=progress, batch_size=batch_size)
+
+    monkeypatch.setattr(ray_engine, "embed_records_ray", engine)
+    generate_posters(tmp_path / "four", n=4, seed=5)
+    code, _, err = run_cli(capsys, "embed", tmp_path / "four" / "manifest.csv", "--cache", tmp_path / "c", "--engine",
+                           "ray", "--tokens", "--no-texts", *tiny_args(tiny_checkpoint))
+    assert code == 0, err
+    assert seen == [True] and "tokens: 65 × 64 float16 per poster" in err
+    with EmbeddingCache.open(tmp_path / "c", mode="r") as cache:
+        assert cache.token_shape == (65, 64) and cache.num_posters == 4
