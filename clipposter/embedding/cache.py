@@ -1,7 +1,8 @@
 """The embedding cache: every poster and text is encoded once per backbone, and every head reads from here.
 
 `EmbeddingCache.open` is the one way in: it creates sharded caches (format 2, shards.py) and opens
-both formats. This module holds format 1, which opens read-only (writing means `cache migrate`);
+both formats, reading the format from the cache's description (cache.json, cache_types.read_meta).
+This module holds format 1, which opens read-only (writing means `cache migrate`);
 `EmbeddingCache.open_v1` still writes it, to build v1 caches for migration and its checks.
 
 Layout of a format-1 cache directory:
@@ -40,19 +41,20 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from clipposter.embedding.cache_matrix import Matrix, write_failure
-from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
+from clipposter.embedding.cache_types import (DTYPES, META, MODES, CacheInfo, CacheMeta, RecordSummary,
+                                              cached_text_embeddings, read_meta, text_hash, write_meta)
 from clipposter.embedding.identity import BackboneIdentity
 from clipposter.embedding.shard_files import INDEX as SHARD_INDEX, SHARDS as SHARD_FOLDER
 from clipposter.embedding.shards import FORMAT_VERSION as SHARDED_VERSION, ShardedCache, create_meta
 from clipposter.errors import ClipposterError, ConfigError
-from clipposter.files import directory_lock, write_json
+from clipposter.files import directory_lock
 from clipposter.records import PosterRecord
 
 FORMAT_VERSION = 1
 # The most rows one append writes before committing them: the most a killed run can leave uncommitted,
 # and so the most an open may cut.
 APPEND_ROWS = 4096
-_FILES = ("index.sqlite", "images.npy", "texts.npy")
+FILES = ("index.sqlite", "images.npy", "texts.npy")
 # SQLite's primary result codes for a damaged file and for a full disk.
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 _CORRUPT_MESSAGES = ("file is not a database", "database disk image is malformed")
@@ -115,6 +117,27 @@ def _counts(db: sqlite3.Connection) -> tuple[int, int] | None:
     if not {"posters", "texts"} <= tables:
         return None
     return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("posters", "texts"))  # type: ignore
+
+
+def _check_options(dtype: str, mode: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if mode not in MODES:
+        raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
+
+
+def _stored_meta(root: Path, identity: BackboneIdentity | None, formats: tuple, remedy: str) -> CacheMeta | None:
+    """The description of the cache in `root` (None without cache.json), refused in one line when its
+    format is not one of `formats` or its backbone is not `identity`."""
+    meta = read_meta(root)
+    if meta is None:
+        return None
+    if meta.format_version not in formats:
+        raise ClipposterError(f"{root / META}: cache format {meta.format_version} is not "
+                              f"{' or '.join(map(str, formats))}{remedy}")
+    if identity is not None:
+        identity.check_same(meta.identity, f"the cache {root}")
+    return meta
 
 
 class EmbeddingCache:
@@ -222,34 +245,20 @@ class EmbeddingCache:
              dtype: str = "float16", backbone_spec: dict | None = None, *,
              mode: str = "a") -> "EmbeddingCache | ShardedCache":
         """Open (with `mode="a"` and an identity: create) the cache in `root`. New caches are sharded
-        (format 2, see shards.py) and open as a ShardedCache, which has the same methods. A cache of format
-        1 (this class) opens read-only whatever `mode`: adding to it is refused with the command that
-        migrates it.
+        (format 2, see shards.py) and open as a ShardedCache. A cache of format 1 (this class) opens
+        read-only whatever `mode`: adding to it is refused with the command that migrates it.
 
         mode: "a" to add posters and texts, "r" to read only (writes nothing; texts it lacks are encoded
         but not stored)."""
         root = Path(root)
-        meta_path = root / "cache.json"
-        if dtype not in DTYPES:
-            raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if mode not in MODES:
-            raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-                stored = BackboneIdentity.from_dict(meta["backbone"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ClipposterError(f"{meta_path}: unreadable cache description ({exc}); "
-                                      f"point `cache` at a clipposter cache directory") from None
-            if meta.get("format_version") not in (FORMAT_VERSION, SHARDED_VERSION):
-                raise ClipposterError(f"{meta_path}: cache format {meta.get('format_version')} is not "
-                                      f"{FORMAT_VERSION} or {SHARDED_VERSION}; re-embed into a new `cache` directory")
-            if identity is not None:
-                identity.check_same(stored, f"the cache {root}")
-            if meta["format_version"] == SHARDED_VERSION:
-                return ShardedCache(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
-            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode="r", migrate_to_write=True)
-        present = [name for name in (*_FILES, SHARD_INDEX, SHARD_FOLDER) if (root / name).exists()]
+        _check_options(dtype, mode)
+        meta = _stored_meta(root, identity, (FORMAT_VERSION, SHARDED_VERSION),
+                            "; re-embed into a new `cache` directory")
+        if meta is not None:
+            if meta.format_version == SHARDED_VERSION:
+                return ShardedCache(root, meta.identity, meta.dtype, meta.backbone_spec, mode=mode)
+            return cls(root, meta.identity, meta.dtype, meta.backbone_spec, mode="r", migrate_to_write=True)
+        present = [name for name in (*FILES, SHARD_INDEX, SHARD_FOLDER) if (root / name).exists()]
         if present:  # the backbone of these embeddings is unknown: never let another one adopt them
             raise ClipposterError(f"{root}: holds cache files ({', '.join(present)}) but no cache.json, so the "
                                   f"backbone they were made with is unknown; restore cache.json or embed into a "
@@ -267,36 +276,19 @@ class EmbeddingCache:
         sharded; this writer is kept to build v1 caches for `cache migrate` and for checking that v1
         caches stay readable."""
         root = Path(root)
-        meta_path = root / "cache.json"
-        if dtype not in DTYPES:
-            raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-                stored = BackboneIdentity.from_dict(meta["backbone"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ClipposterError(f"{meta_path}: unreadable cache description ({exc})") from None
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ClipposterError(f"{meta_path}: cache format {meta.get('format_version')} is not "
-                                      f"{FORMAT_VERSION}")
-            if identity is not None:
-                identity.check_same(stored, f"the cache {root}")
-            return cls(root, stored, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+        _check_options(dtype, mode)
+        meta = _stored_meta(root, identity, (FORMAT_VERSION,), "")
+        if meta is not None:
+            return cls(root, meta.identity, meta.dtype, meta.backbone_spec, mode=mode)
         if identity is None or mode == "r":
             raise ClipposterError(f"{root}: no clipposter cache here (no cache.json)")
-        root.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
-                "backbone_spec": backbone_spec}
-        try:
-            write_json(meta_path, meta)
-        except OSError as exc:
-            raise write_failure(root, meta_path, exc, "nothing: it was not created") from None
+        write_meta(root, FORMAT_VERSION, identity, dtype, backbone_spec)
         return cls(root, identity, dtype, backbone_spec, mode=mode)
 
     @staticmethod
     def exists(root: str | os.PathLike) -> bool:
         """Whether `root` holds a cache (its description, cache.json), without opening it."""
-        return (Path(root) / "cache.json").is_file()
+        return (Path(root) / META).is_file()
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -552,36 +544,19 @@ class EmbeddingCache:
         """Embeddings of texts (genre prompts, taglines, overviews); missing ones are encoded with
         `backbone` (which must match the cache) and stored, in steps of APPEND_ROWS texts; a read-only
         cache returns them without storing them. Returns float32 (len(texts), D)."""
-        keys = [text_hash(t) for t in texts]
-        if not keys:
-            return np.zeros((0, self.dim), np.float32)
-        rows = self._text_rows(keys)
-        missing = sorted({k: t for k, t in zip(keys, texts) if k not in rows}.items())
-        fresh: dict[str, np.ndarray] = {}  # encoded now and not stored (a read-only cache)
-        if missing:
-            if backbone is None:
-                raise ClipposterError(f"{len(missing)} texts are not in the cache {self.root}; "
-                                      f"pass a backbone to encode them")
-            self.identity.check_same(backbone.identity, f"the cache {self.root}")
-            for s in range(0, len(missing), APPEND_ROWS):
-                step = missing[s:s + APPEND_ROWS]
-                new = np.asarray(backbone.encode_texts([t for _, t in step], batch_size=batch_size))
-                if not self.writable:
-                    fresh.update((k, v) for (k, _), v in zip(step, new))
-                    continue
-                with directory_lock(self.root):
-                    stored = self._text_rows([k for k, _ in step])  # another writer may have added some
-                    todo = [(i, k, t) for i, (k, t) in enumerate(step) if k not in stored]
-                    self._commit(self._texts, "texts", "INSERT INTO texts(hash, text, row) VALUES (?, ?, ?)",
-                                 [(k, t) for _, k, t in todo], new[[i for i, _, _ in todo]])
-            rows = self._text_rows(keys)
-        matrix = self._texts.read(self.num_texts)
-        if not fresh:
-            return np.asarray(matrix[[rows[k] for k in keys]], dtype=np.float32)
-        out = np.empty((len(keys), self.dim), np.float32)
-        for n, k in enumerate(keys):  # rounded to the stored dtype, as if stored and read back
-            out[n] = np.asarray(matrix[rows[k]] if k in rows else fresh[k], dtype=self.dtype)
-        return out
+        return cached_text_embeddings(self, texts, backbone, batch_size, step_rows=APPEND_ROWS,
+                                      rows_of=self._text_rows, store=self._store_texts,
+                                      read=self._read_text_rows)
+
+    def _store_texts(self, keys: Sequence[str], texts: Sequence[str], emb: np.ndarray) -> None:
+        with directory_lock(self.root):
+            stored = self._text_rows(keys)  # another writer may have added some
+            todo = [n for n, k in enumerate(keys) if k not in stored]
+            self._commit(self._texts, "texts", "INSERT INTO texts(hash, text, row) VALUES (?, ?, ?)",
+                         [(keys[n], texts[n]) for n in todo], emb[todo])
+
+    def _read_text_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._texts.read(self.num_texts)[rows], dtype=np.float32)
 
     def missing_texts(self, texts: Iterable[str]) -> list[str]:
         """The distinct texts of `texts` the cache holds no embedding for, in first-seen order."""

@@ -86,7 +86,7 @@ class ShardEntry:
 @dataclass
 class ShardData:
     """What one shard holds: its matrices memory-mapped, its hash tables as Python lists, and its records
-    as the Arrow table read from disk, made Python values only when asked for (`records`)."""
+    as the Arrow table read from disk (the reader indexes them when a record is first asked for)."""
 
     entry: ShardEntry
     images: np.ndarray
@@ -96,11 +96,6 @@ class ShardData:
     text_hashes: list[str]
     text_values: list[str]
     record_table: object  # a pyarrow.Table of RECORD_COLUMNS
-
-    @property
-    def records(self) -> dict[str, list]:
-        """column → values, RECORD_COLUMNS."""
-        return self.record_table.to_pydict()
 
 
 def is_sharded(meta: dict) -> bool:

@@ -1,8 +1,9 @@
 """The sharded cache (format 2): the same reading and adding API as the v1 cache, over write-once shards.
 
 Opening reads the shard index once and maps every listed shard (see shard_files.py for the files):
-the poster, record and text tables of all shards become three in-memory maps, so a lookup by poster
-id, split or content hash touches no file, and an embedding is one read of a memory-mapped row.
+the poster and text tables of all shards become two in-memory maps and the record tables one Arrow
+table in id order (shard_rows.ShardRecords, indexed at the first lookup of a record), so a lookup by
+poster id, split or content hash touches no file, and an embedding is one read of a memory-mapped row.
 What a reader sees is the set of shards listed when it opened (a snapshot); a writer sees its own
 additions at once.
 
@@ -14,7 +15,7 @@ its batches and adds them a few thousand at a time, the Ray engine adds one shar
 """
 from __future__ import annotations
 
-import json
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,11 +23,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from clipposter.embedding import shard_files as sf
-from clipposter.embedding.cache_types import DTYPES, MODES, CacheInfo, RecordSummary, text_hash
+from clipposter.embedding.cache_types import (DTYPES, MODES, CacheInfo, RecordSummary, cached_text_embeddings,
+                                              read_meta, text_hash, write_meta)
 from clipposter.embedding.identity import BackboneIdentity
-from clipposter.embedding.shard_rows import ShardedRows, gather
+from clipposter.embedding.shard_rows import ShardedRows, ShardRecords, gather
 from clipposter.errors import ClipposterError, ConfigError
-from clipposter.files import write_json
 from clipposter.records import PosterRecord
 
 FORMAT_VERSION = sf.FORMAT_VERSION
@@ -37,16 +38,7 @@ _OPEN_TRIES = 5
 
 def create_meta(root: Path, identity: BackboneIdentity, dtype: str, backbone_spec: dict | None) -> None:
     """Write a new sharded cache's description (cache.json): the cache exists from here on, empty."""
-    if dtype not in DTYPES:
-        raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
-    root.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "backbone": identity.to_dict(), "dtype": dtype,
-            "backbone_spec": backbone_spec}
-    try:
-        write_json(root / "cache.json", meta)
-    except OSError as exc:
-        raise ClipposterError(f"cannot write {root / 'cache.json'}: {exc.strerror or exc} (nothing was "
-                              f"created)") from None
+    write_meta(root, FORMAT_VERSION, identity, dtype, backbone_spec)
 
 
 class ShardedCache:
@@ -74,17 +66,13 @@ class ShardedCache:
     def open(cls, root: str | os.PathLike, *, mode: str = "a") -> "ShardedCache":
         """Open the sharded cache in `root` with the backbone its cache.json records."""
         root = Path(root)
-        try:
-            meta = json.loads((root / "cache.json").read_text())
-            identity = BackboneIdentity.from_dict(meta["backbone"])
-        except FileNotFoundError:
-            raise ClipposterError(f"{root}: no clipposter cache here (no cache.json)") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ClipposterError(f"{root / 'cache.json'}: unreadable cache description ({exc})") from None
-        if not sf.is_sharded(meta):
-            raise ClipposterError(f"{root}: cache format {meta.get('format_version')} is not sharded; convert it "
+        meta = read_meta(root)
+        if meta is None:
+            raise ClipposterError(f"{root}: no clipposter cache here (no cache.json)")
+        if meta.format_version != FORMAT_VERSION:
+            raise ClipposterError(f"{root}: cache format {meta.format_version} is not sharded; convert it "
                                   f"with `clipposter cache migrate --cache {root}`")
-        return cls(root, identity, meta["dtype"], meta.get("backbone_spec"), mode=mode)
+        return cls(root, meta.identity, meta.dtype, meta.backbone_spec, mode=mode)
 
     @property
     def writable(self) -> bool:
@@ -116,13 +104,12 @@ class ShardedCache:
         self._shards: list[sf.ShardData] = []
         self._poster_row: dict[str, int] = {}
         self._text_row: dict[str, int] = {}
-        # id → (hash, image, genres, tagline, overview, split, title, url), built on first use (`_records`)
-        self._record_map: dict[str, tuple] | None = None
+        # every shard's records by poster id, built on first use (`_records`)
+        self._record_index: ShardRecords | None = None
         self._poster_starts: list[int] = []
         self._text_starts: list[int] = []
         self._rows = self._texts = 0
         self._matrix: np.ndarray | None = None
-        self._sorted_ids: list[str] | None = None
         for shard in shards:
             self._add_shard(shard)
 
@@ -132,12 +119,10 @@ class ShardedCache:
         self._text_starts.append(self._texts)
         self._take_rows(self._poster_row, shard.poster_hashes, self._rows)
         self._take_rows(self._text_row, shard.text_hashes, self._texts)
-        if self._record_map is not None:
-            self._take_records(self._record_map, shard)
+        self._record_index = None  # its records and its posters change what the records say
         self._rows += shard.entry.posters
         self._texts += shard.entry.texts
         self._matrix = None
-        self._sorted_ids = None
 
     @staticmethod
     def _take_rows(rows: dict[str, int], hashes: list[str], start: int) -> None:
@@ -148,22 +133,14 @@ class ShardedCache:
             del new[h]
         rows.update(new)
 
-    @staticmethod
-    def _take_records(into: dict[str, tuple], shard: sf.ShardData) -> None:
-        cols = shard.records
-        into.update(zip(cols["id"], zip(*(cols[c] for c in sf.RECORD_COLUMNS[1:]))))
-
     @property
-    def _records(self) -> dict[str, tuple]:
+    def _records(self) -> ShardRecords:
         """The records of every shard by poster id, a later shard's record of an id replacing an earlier
-        one's; read from the shards' tables the first time a record is asked for, so opening a cache to
-        look up hashes or rows does not pay for them."""
-        if self._record_map is None:
-            records: dict[str, tuple] = {}
-            for shard in self._shards:
-                self._take_records(records, shard)
-            self._record_map = records
-        return self._record_map
+        one's; indexed the first time a record is asked for, so opening a cache to look up hashes or rows
+        does not pay for it."""
+        if self._record_index is None:
+            self._record_index = ShardRecords([s.record_table for s in self._shards], self._poster_row)
+        return self._record_index
 
     def _append(self, **content) -> None:
         """Write and list one shard, then take it (and any listed since by other writers) in."""
@@ -247,22 +224,11 @@ class ShardedCache:
 
     def records(self, split: str | None = None) -> list[PosterRecord]:
         """Records, in id order, optionally of one split."""
-        out = []
-        for pid in self._ids():
-            h, im, g, t, o, s, ti, u = self._records[pid]
-            if split is None or s == split:
-                out.append(PosterRecord(id=pid, image=im, genres=list(g), tagline=t, overview=o, split=s,
-                                        title=ti, url=u))
-        return out
+        return self._records.records(split)
 
     def records_with_hashes(self) -> list[tuple[PosterRecord, str]]:
         """Every record with its poster's content hash, in id order."""
-        return [(r, self._records[r.id][0]) for r in self.records()]
-
-    def _ids(self) -> list[str]:
-        if self._sorted_ids is None:
-            self._sorted_ids = sorted(self._records)
-        return self._sorted_ids
+        return self._records.records(with_hashes=True)
 
     def image_matrix(self) -> "np.ndarray | ShardedRows":
         """Every stored poster row, (rows, D), in the stored dtype: the shard's memory map when there is
@@ -306,38 +272,30 @@ class ShardedCache:
     def id_rows(self, ids: Sequence[str] | None = None, *, below: int | None = None) -> dict[str, int]:
         """Row of each poster id whose poster is stored, in id order (of `ids`, or of every record),
         optionally only rows under `below`."""
-        order = self._ids() if ids is None else sorted(set(ids))
-        out = {}
-        for pid in order:
-            rec = self._records.get(pid)
-            row = None if rec is None else self._poster_row.get(rec[0])
-            if row is not None and (below is None or row < below):
-                out[pid] = row
-        return out
+        records = self._records
+        if ids is None:
+            order, rows = records.ids, records.poster_rows()
+        else:
+            order = sorted(set(ids))
+            rows = records.poster_rows(records.index_of(order))
+        keep = (rows >= 0) if below is None else (rows >= 0) & (rows < below)
+        return dict(zip(itertools.compress(order, keep.tolist()), rows[keep].tolist()))
 
     def record_summaries(self, ids: Sequence[str]) -> dict[str, RecordSummary]:
-        out = {}
-        for pid in ids:
-            rec = self._records.get(pid)
-            if rec is not None:
-                out[pid] = RecordSummary(list(rec[2]), rec[6], rec[1])
-        return out
+        ids = list(dict.fromkeys(ids))
+        at = self._records.index_of(ids)
+        known = np.flatnonzero(at >= 0)
+        cols = [self._records.column(c, at[known]) for c in ("genres", "title", "image")]
+        return {ids[n]: RecordSummary(list(g), t, im) for n, g, t, im in zip(known.tolist(), *cols)}
 
     def labelled_genres(self) -> dict[str, list[str]]:
-        return {pid: list(rec[2]) for pid, rec in self._records.items()}
+        return dict(zip(self._records.ids, map(list, self._records.column("genres"))))
 
     def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of the given poster ids; an unknown id is a clear error."""
-        rows = np.empty(len(ids), np.int64)
-        missing = []
-        for n, pid in enumerate(ids):
-            rec = self._records.get(pid)
-            row = None if rec is None else self._poster_row.get(rec[0])
-            if row is None:
-                missing.append(pid)
-            else:
-                rows[n] = row
-        if missing:
+        rows = self._records.poster_rows(self._records.index_of(ids))
+        if len(rows) and rows.min() < 0:
+            missing = [pid for pid, row in zip(ids, rows.tolist()) if row < 0]
             raise ClipposterError(f"poster id {missing[0]!r} is not in the cache {self.root} "
                                   f"({len(missing)} missing); embed it first")
         return rows
@@ -384,36 +342,21 @@ class ShardedCache:
     def text_embeddings(self, texts: Sequence[str], backbone=None, batch_size: int = 256) -> np.ndarray:
         """Embeddings of texts; missing ones are encoded with `backbone` (which must match the cache) and
         stored in shards of TEXT_ROWS (a read-only cache returns them unstored). float32 (len(texts), D)."""
-        keys = [text_hash(t) for t in texts]
-        if not keys:
-            return np.zeros((0, self.dim), np.float32)
-        missing = sorted({k: t for k, t in zip(keys, texts) if k not in self._text_row}.items())
-        fresh: dict[str, np.ndarray] = {}
-        if missing:
-            if backbone is None:
-                raise ClipposterError(f"{len(missing)} texts are not in the cache {self.root}; "
-                                      f"pass a backbone to encode them")
-            self.identity.check_same(backbone.identity, f"the cache {self.root}")
-            for s in range(0, len(missing), TEXT_ROWS):
-                step = missing[s:s + TEXT_ROWS]
-                new = np.asarray(np.asarray(backbone.encode_texts([t for _, t in step], batch_size=batch_size)),
-                                 self._np_dtype)
-                if not self.writable:
-                    fresh.update((k, v) for (k, _), v in zip(step, new))
-                    continue
-                todo = [n for n, (k, _) in enumerate(step) if k not in self._text_row]
-                self._append(text_hashes=[step[n][0] for n in todo], texts=[step[n][1] for n in todo],
-                             text_emb=np.ascontiguousarray(new[todo]))
-        out = np.empty((len(keys), self.dim), np.float32)
-        stored = [n for n, k in enumerate(keys) if k in self._text_row]
-        if stored:
-            rows = np.asarray([self._text_row[keys[n]] for n in stored], np.int64)
-            out[stored] = gather([s.texts for s in self._shards], np.asarray(self._text_starts), rows,
-                                  (self.dim,), np.float32)
-        for n, k in enumerate(keys):
-            if k not in self._text_row:
-                out[n] = fresh[k]
-        return out
+        return cached_text_embeddings(self, texts, backbone, batch_size, step_rows=TEXT_ROWS,
+                                      rows_of=self._stored_text_rows, store=self._store_texts,
+                                      read=self._read_text_rows)
+
+    def _stored_text_rows(self, keys: Sequence[str]) -> dict[str, int]:
+        return {k: self._text_row[k] for k in keys if k in self._text_row}
+
+    def _store_texts(self, keys: Sequence[str], texts: Sequence[str], emb: np.ndarray) -> None:
+        todo = [n for n, k in enumerate(keys) if k not in self._text_row]
+        if todo:
+            self._append(text_hashes=[keys[n] for n in todo], texts=[texts[n] for n in todo],
+                         text_emb=np.ascontiguousarray(emb[todo]))
+
+    def _read_text_rows(self, rows: np.ndarray) -> np.ndarray:
+        return gather([s.texts for s in self._shards], np.asarray(self._text_starts), rows, (self.dim,), np.float32)
 
     def missing_texts(self, texts: Iterable[str]) -> list[str]:
         uniq = list(dict.fromkeys(texts))
@@ -430,10 +373,7 @@ class ShardedCache:
 
     # ----- summary -------------------------------------------------------------------------------
     def info(self) -> CacheInfo:
-        splits: dict[str, int] = {}
-        for rec in self._records.values():
-            key = rec[5] if rec[5] is not None else "none"
-            splits[key] = splits.get(key, 0) + 1
+        splits = self._records.split_counts()
         return CacheInfo(path=str(self.root), backbone=self.identity.to_dict(), dtype=self.dtype, dim=self.dim,
                          posters=self.num_posters, records=self.num_records, texts=self.num_texts,
-                         splits=dict(sorted(splits.items())), bytes_on_disk=sf.shard_bytes(self.root))
+                         splits=splits, bytes_on_disk=sf.shard_bytes(self.root))

@@ -59,6 +59,29 @@ def test_opening_a_non_cache_is_clear_error(tmp_path):
         EmbeddingCache.open(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("damage", ["not json", "no dtype", "unknown dtype", "no backbone"])
+def test_an_unusable_cache_json_is_one_line_whichever_way_the_cache_is_opened(tmp_path, fmt, damage):
+    from clipposter.embedding.shards import ShardedCache
+
+    root = tmp_path / "c"
+    (EmbeddingCache.open_v1 if fmt == 1 else EmbeddingCache.open)(root, ident()).close()
+    meta = json.loads((root / "cache.json").read_text())
+    if damage == "not json":
+        text = "{" + json.dumps(meta)
+    else:
+        key, value = {"no dtype": ("dtype", None), "unknown dtype": ("dtype", "float64"),
+                      "no backbone": ("backbone", None)}[damage]
+        meta = {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value}
+        text = json.dumps(meta)
+    (root / "cache.json").write_text(text)
+    openers = [lambda: EmbeddingCache.open(root, mode="r"), lambda: EmbeddingCache.open(root, ident()),
+               lambda: EmbeddingCache.open_v1(root, mode="r") if fmt == 1 else ShardedCache.open(root, mode="r")]
+    for opener in openers:
+        with pytest.raises(ClipposterError, match=rf"^{root / 'cache.json'}: unreadable cache description \("):
+            opener()
+
+
 def test_uncommitted_tail_from_a_killed_write_is_cut(tmp_path):
     root = tmp_path / "c"
     with EmbeddingCache.open_v1(root, ident()) as c:

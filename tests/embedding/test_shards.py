@@ -79,6 +79,51 @@ def test_a_later_record_of_an_id_wins_and_a_hash_keeps_its_first_row(tmp_path):
         assert r.embeddings_for_ids(["p0"]).astype(np.float16).tobytes() == unit(1).astype(np.float16).tobytes()
 
 
+def test_records_of_many_shards_answer_as_the_last_record_of_each_id(tmp_path):
+    """Ids upserted again and again across shards, records whose poster comes in a later shard or never:
+    every lookup agrees with plain dicts of the last record of each id, for a reader and for the writer,
+    which sees each shard it adds at once."""
+    rng = np.random.default_rng(3)
+    c = new_cache(tmp_path / "c")
+    last: dict[str, tuple[PosterRecord, str]] = {}  # the reference: id → (last record, its hash)
+    rows: dict[str, int] = {}  # content hash → first row
+    splits = ("train", "test", "validation", None)
+    for shard in range(6):
+        recs = []
+        for _ in range(15):
+            i = int(rng.integers(40))
+            r = PosterRecord(id=f"p{i:02d}", image=f"x/{shard}/{i}.jpg", genres=[f"g{shard}", f"g{i % 3}"],
+                             split=splits[int(rng.integers(4))], title=f"t{shard}-{i}")
+            recs.append((r, f"h{int(rng.integers(30))}"))
+        hashes = [f"h{int(h)}" for h in rng.integers(30, size=5)]
+        c.add_posters(hashes, unit(5, seed=shard), recs)
+        for h in hashes:
+            rows.setdefault(h, len(rows))
+        last.update((r.id, (r, h)) for r, h in recs)
+        want_rows = {pid: rows[h] for pid, (_, h) in sorted(last.items()) if h in rows}
+        for cache in (c, ShardedCache.open(tmp_path / "c", mode="r")):
+            assert cache.records() == [r for _, (r, _) in sorted(last.items())]
+            assert cache.records_with_hashes() == [rh for _, rh in sorted(last.items())]
+            assert cache.records(split="test") == [r for _, (r, _) in sorted(last.items()) if r.split == "test"]
+            assert cache.num_records == len(last)
+            assert cache.id_rows() == want_rows
+            assert cache.id_rows(["p39", "p00", "zz", "p07"], below=6) == {
+                p: r for p, r in want_rows.items() if p in ("p39", "p00", "p07") and r < 6}
+            ids = list(want_rows)[::-1]
+            assert cache.rows_for_ids(ids).tolist() == [want_rows[p] for p in ids]
+            assert cache.record_summaries(["zz", *last]) == {
+                pid: (r.genres, r.title, r.image) for pid, (r, _) in last.items()}
+            assert cache.labelled_genres() == {pid: r.genres for pid, (r, _) in last.items()}
+            counts: dict[str, int] = {}
+            for r, _ in last.values():
+                counts[r.split or "none"] = counts.get(r.split or "none", 0) + 1
+            assert cache.info().splits == dict(sorted(counts.items()))
+    unstored = sorted(pid for pid, (_, h) in last.items() if h not in rows)
+    assert unstored  # the data has records without a poster, and rows_for_ids names one of them
+    with pytest.raises(ClipposterError, match=f"poster id {unstored[0]!r} is not in the cache"):
+        c.rows_for_ids(unstored)
+
+
 def test_float32_texts_and_tokens(tmp_path):
     class Encoder:
         identity = ident()
