@@ -20,6 +20,7 @@ Ray is imported inside the functions here (the `scale` extra installs it).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -114,6 +115,19 @@ class PosterEncoder:
         return out
 
 
+def cpu_slots(cpus: float, concurrency: int) -> tuple[float, float]:
+    """(CPUs a decode task holds, CPUs an encoder actor holds) on a cluster of `cpus` CPUs.
+
+    Ray's CPUs are slots that each node holds on its own: encoders holding every slot would leave the
+    decode tasks none, and the job would wait forever. So both take slots of one size, 1/m of a CPU
+    with the smallest whole m that leaves one slot over ((concurrency + 1) / m <= cpus): a node's
+    CPUs are a whole number of such slots, so wherever Ray puts the encoders, the slot left over is
+    whole on some node. A decode task larger than an encoder could find its CPU split over nodes (two
+    encoders of half a CPU on two 1-CPU nodes leave half a CPU on each) and never run."""
+    slot = 1 / max(1, math.ceil((concurrency + 1) / max(cpus, 1.0)))
+    return slot, slot
+
+
 def _check_settings(batch_size, concurrency, gpus_per_worker) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
@@ -204,11 +218,7 @@ def embed_records_ray(records: Sequence[PosterRecord], cache: EmbeddingCache, *,
         if concurrency is None:
             concurrency = (max(1, int(resources.get("GPU", 0) // gpus)) if gpus
                            else max(1, int(resources.get("CPU", 1)) // 2))
-        # Ray's CPUs are slots: actors holding them all would leave the decode tasks none, and the job
-        # would wait forever. One decode slot stays free; the encoders share what remains.
-        cpus = float(resources.get("CPU", 1))
-        decode_cpus = min(1.0, cpus / 2)
-        encoder_cpus = min(1.0, (cpus - decode_cpus) / concurrency)
+        decode_cpus, encoder_cpus = cpu_slots(float(resources.get("CPU", 1)), concurrency)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's own bar counts committed posters
         ctx.print_on_execution_start = False

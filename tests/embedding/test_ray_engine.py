@@ -197,6 +197,68 @@ def test_a_backbone_that_differs_on_the_workers_is_one_line(tmp_path, tiny_backb
     assert cache.num_posters == 0
 
 
+def placements(encoders: int, free: tuple[float, ...], size: float):
+    """Every way Ray could put `encoders` actors of `size` CPUs on nodes with `free` CPUs: the CPUs
+    each node has left."""
+    if encoders == 0:
+        yield free
+        return
+    for n, f in enumerate(free):
+        if f >= size - 1e-9:
+            yield from placements(encoders - 1, free[:n] + (f - size,) + free[n + 1:], size)
+
+
+@pytest.mark.parametrize("nodes", [(1,), (2,), (1, 1), (3, 1), (1, 1, 1, 1), (2, 2, 4), (16,)])
+@pytest.mark.parametrize("encoders", [1, 2, 3, 5, 8])
+def test_wherever_ray_puts_the_encoders_a_node_has_a_decode_slot(nodes, encoders):
+    """The job cannot wait forever: the encoders fit, and whichever nodes they land on, one node still
+    has the CPU a decode task asks for (with 1 CPU per decode task, two encoders of half a CPU on two
+    1-CPU nodes would leave half a CPU on each)."""
+    decode, encoder = ray_engine.cpu_slots(float(sum(nodes)), encoders)
+    assert 0 < decode <= 1 and 0 < encoder <= 1
+    left = list(placements(encoders, tuple(float(c) for c in nodes), encoder))
+    assert left, "the encoders do not fit"
+    for free in left:
+        assert max(free) >= decode - 1e-9, (nodes, encoders, decode, encoder, free)
+    if sum(nodes) >= encoders + 1:  # room for whole CPUs: each encoder has one
+        assert encoder == 1
+
+
+@pytest.mark.slow
+def test_two_worker_nodes_give_the_local_engines_embeddings(tmp_path, tiny_checkpoint, tiny_backbone, messy_folder,
+                                                          monkeypatch):
+    """On a cluster of 2 one-CPU worker nodes (and a head without CPUs), two encoders finish the job
+    with the local engine's embeddings and counts: the driver, a process of its own, joins the cluster
+    at its address as `--address` does."""
+    Cluster = pytest.importorskip("ray.cluster_utils").Cluster
+
+    temp = tempfile.mkdtemp(prefix="cpray")  # the cluster notes its address under Ray's temporary folder
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": os.path.join(temp, "ray"),
+                                      "object_store_memory": 100 * 1024 * 1024})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+        cluster.wait_for_nodes()
+        cache_dir = tmp_path / "ray"
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "clipposter.cli.main", "embed", str(messy_folder), "--cache",
+                               str(cache_dir), *tiny_args(tiny_checkpoint), "--engine", "ray", "--address",
+                               cluster.address, "--concurrency", "2", "--batch-size", "4", "--no-texts", "--json"],
+                              capture_output=True, text=True, env=env, timeout=240)
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)["summary"]
+    assert (summary["encoded"], summary["cached"], summary["skipped"]) == (30, 1, 3)
+    local = EmbeddingCache.open(tmp_path / "local", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records(from_folder(messy_folder), local, tiny_backbone, batch_size=8, progress=False)
+    with EmbeddingCache.open(cache_dir, mode="r") as cache:
+        assert_same_cache(local, cache)
+
+
 def test_other_weights_are_refused_before_any_ray_work(tmp_path, tiny_backbone, synthetic_set, monkeypatch):
     from clipposter.embedding.backbone import save_tiny_backbone
 
