@@ -206,7 +206,7 @@ def require_tokens(cache) -> tuple[int, int]:
         raise ConfigError("memory", f"'tokens' needs ViT token sequences, but the cache {cache.root} stores one "
                                     f"pooled embedding per poster{' (and tokens for only some)' if some else ''}; "
                                     f"embed the posters with their token sequences into a new cache "
-                                    f"(`clipposter embed SOURCE --cache NEW --tokens`), "
+                                    f"(the embed stage's tokens option), "
                                     f"or train with memory='pooled'")
     return tuple(shape)
 
