@@ -333,7 +333,7 @@ def test_an_index_a_writer_never_gave_tables_opens_as_empty(tmp_path, mode):
 def test_adding_to_a_cache_in_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     import errno
 
-    import clipposter.embedding.cache as cache_module
+    import clipposter.embedding.cache_v1 as cache_module
 
     root = build(tmp_path / "c")
 

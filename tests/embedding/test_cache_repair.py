@@ -173,7 +173,7 @@ def test_an_index_older_than_the_matrix_is_refused(tmp_path, mode):
 
 
 def test_a_tail_longer_than_one_append_is_not_cut(tmp_path):
-    from clipposter.embedding.cache import APPEND_ROWS
+    from clipposter.embedding.cache_v1 import APPEND_ROWS
 
     root = filled(tmp_path / "c", n=2, texts=0)
     with open(root / "images.npy", "ab") as f:  # header and index agree on 2 rows; far more bytes follow
@@ -185,7 +185,7 @@ def test_a_tail_longer_than_one_append_is_not_cut(tmp_path):
 
 
 def test_a_tail_of_one_append_is_cut(tmp_path):
-    from clipposter.embedding.cache import APPEND_ROWS
+    from clipposter.embedding.cache_v1 import APPEND_ROWS
 
     root = filled(tmp_path / "c", n=2, texts=0)
     with open(root / "images.npy", "ab") as f:
@@ -196,7 +196,7 @@ def test_a_tail_of_one_append_is_cut(tmp_path):
 
 
 def test_big_appends_are_committed_in_steps_of_at_most_one_append(tmp_path, monkeypatch):
-    import clipposter.embedding.cache as cache_module
+    import clipposter.embedding.cache_v1 as cache_module
 
     monkeypatch.setattr(cache_module, "APPEND_ROWS", 4)
     with EmbeddingCache.open_v1(tmp_path / "c", ident()) as c:
