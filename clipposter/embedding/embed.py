@@ -32,7 +32,7 @@ from clipposter.records import PosterRecord
 # killed run loses at most this many encoded posters, which the next run encodes again.
 FLUSH_ROWS = 8192
 # With token sequences, fewer posters wait when theirs would take more than this many bytes
-# (ViT-B-32: 51 KB a poster, all 8,192 fit; ViT-L-14: 395 KB a poster, 1,358 do).
+# (ViT-B-32: 51 KB a poster, all 8,192 fit; ViT-L-14: 395 KB a poster, 1,360 do).
 TOKEN_FLUSH_BYTES = 512 * 2**20
 
 if TYPE_CHECKING:  # torch is imported where posters are encoded: a fully cached run never loads it
