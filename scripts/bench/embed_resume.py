@@ -15,7 +15,7 @@ default; small here so that a short run holds several shards).
 
     python scripts/bench/embed_resume.py [--posters 2048] [--shard-rows 256] [--backbone clipposter-tiny] [--json]
 
-Figures: docs/benchmarks.md ("Resume of a killed embed").
+Figures: docs/scaling.md ("Three set-ups").
 """
 from __future__ import annotations
 
