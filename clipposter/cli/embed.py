@@ -34,14 +34,16 @@ def cmd_embed(args) -> int:
         backbone = cache_backbone(cache, args)
     else:
         backbone = backbone_from_args(args)
+        if args.tokens:
+            backbone.token_shape  # a tower without token sequences is refused before the cache is made
         cache = EmbeddingCache.open(args.cache, backbone.identity, dtype=args.dtype or "float16",
                                     backbone_spec=backbone.spec)
     try:
         tokens = resolve_tokens(cache, args.tokens)
-    except ConfigError:
+        token_plan = token_estimate(cache, backbone, len(records), args.source) if tokens else None
+    except ClipposterError:
         cache.close()
         raise
-    token_plan = token_estimate(cache, backbone, len(records), args.source) if tokens else None
     if args.engine == "ray":
         from clipposter.embedding.ray_engine import embed_records_ray
 
@@ -77,10 +79,8 @@ def token_estimate(cache, backbone, posters: int, source: str) -> dict:
     import shutil
 
     shape = getattr(cache, "token_shape", None)
-    if shape is None:  # a new (or empty) cache: the backbone's shape, read from its config if not loaded
-        from clipposter.embedding.backbone import token_shape
-
-        shape = token_shape(backbone if hasattr(backbone, "token_shape") else cache.identity)
+    if shape is None:  # a new (or empty) cache: the backbone's, loaded now (it encodes every poster anyway)
+        shape = (backbone if hasattr(backbone, "token_shape") else backbone()).token_shape
     t, w = shape
     per_poster = t * w * (2 if cache.dtype == "float16" else 4)
     at_most = per_poster * posters
@@ -252,7 +252,7 @@ def register(sub) -> None:
                         "backbone runs on one)")
     p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=None,
                    help="also store each poster's ViT token sequence (the pooled token and one per patch, "
-                        "projected: ViT-B-32 50 × 512, 51 KB a poster in float16), for heads that attend over "
+                        "projected: ViT-B-32 50 × 512, 50 KB a poster in float16), for heads that attend over "
                         "patches (train genres --memory tokens); the size is printed before the run. An "
                         "existing cache keeps its own choice")
     p.add_argument("--dtype", default=None, choices=["float16", "float32"],

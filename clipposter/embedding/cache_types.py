@@ -32,6 +32,7 @@ class CacheMeta:
     identity: BackboneIdentity
     dtype: str
     backbone_spec: dict | None
+    tokens: bool | None = None  # whether its posters store token sequences; None: not recorded (older caches)
 
 
 def read_meta(root: Path) -> CacheMeta | None:
@@ -49,7 +50,23 @@ def read_meta(root: Path) -> CacheMeta | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ClipposterError(f"{path}: unreadable cache description ({exc}); point `cache` at a clipposter "
                               f"cache directory") from None
-    return CacheMeta(meta.get("format_version"), stored, dtype, meta.get("backbone_spec"))
+    tokens = meta.get("tokens")
+    return CacheMeta(meta.get("format_version"), stored, dtype, meta.get("backbone_spec"),
+                     tokens if isinstance(tokens, bool) else None)
+
+
+def record_meta(root: Path, key: str, value) -> object:
+    """Set `key` of `root`'s cache.json to `value` unless it holds one already; returns the value it
+    holds afterwards. The file is replaced atomically; the caller holds the cache's index lock."""
+    path = root / META
+    meta = json.loads(path.read_text())
+    if meta.get(key) is None:
+        meta[key] = value
+        try:
+            write_json(path, meta)
+        except OSError as exc:
+            raise ClipposterError(f"cannot write {path}: {exc.strerror or exc} (it is as it was)") from None
+    return meta[key]
 
 
 def write_meta(root: Path, format_version: int, identity: BackboneIdentity, dtype: str,

@@ -32,7 +32,7 @@ from clipposter.records import PosterRecord
 # killed run loses at most this many encoded posters, which the next run encodes again.
 FLUSH_ROWS = 8192
 # With token sequences, fewer posters wait when theirs would take more than this many bytes
-# (ViT-B-32: 51 KB a poster, all 8,192 fit; ViT-L-14: 395 KB a poster, 1,360 do).
+# (ViT-B-32: 50 KB a poster, all 8,192 fit; ViT-L-14: 395 KB a poster, 1,360 do).
 TOKEN_FLUSH_BYTES = 512 * 2**20
 
 if TYPE_CHECKING:  # torch is imported where posters are encoded: a fully cached run never loads it
@@ -169,6 +169,7 @@ class EmbedPlan:
         """Commit the embeddings of new posters (and, with `tokens`, their (n, T, D) token sequences)
         with all their records, in one append."""
         extra = {} if tokens is None else {"tokens": tokens}
+        record_tokens(cache, tokens is not None)
         cache.add_posters(hashes, embeddings, [(r, h) for h in hashes for r in self.pending[h]], **extra)
         self.summary.encoded += len(hashes)
 
@@ -213,23 +214,36 @@ BackboneSource = Union["Backbone", Callable[[], "Backbone"], None]
 
 def resolve_tokens(cache: EmbeddingCache, tokens: bool | None) -> bool:
     """Whether an embed run into `cache` stores token sequences. A cache keeps one choice for all its
-    posters, so that a head reading tokens can read them for every poster: None follows the cache
-    (tokens when its posters have them; an empty cache: none); True on a cache whose posters lack them,
-    or False on one whose posters have them, is refused."""
+    posters, so that a head reading tokens can read them for every poster: the choice its cache.json
+    records (`record_tokens`, by the first run that encodes a poster), else what its posters show.
+    None follows the cache (a cache without a choice yet: none); True on a cache whose choice is
+    without, or False on one whose choice is with, is refused. Reads only: nothing is written."""
     if tokens is not None and not isinstance(tokens, bool):
         raise ConfigError("tokens", f"must be True, False or None, got {tokens!r}")
     has_posters = cache.num_posters > 0
-    stored = getattr(cache, "token_shape", None) is not None and has_posters
+    recorded = getattr(cache, "stores_tokens", None)
+    if recorded is None:  # older caches: what their posters show, once they have some
+        stored, decided = getattr(cache, "token_shape", None) is not None and has_posters, has_posters
+    else:
+        stored, decided = recorded, True
     if tokens is None:
         return stored
-    if tokens and has_posters and not stored:
-        raise ConfigError("tokens", f"is set, but the {cache.num_posters} posters of the cache {cache.root} are "
-                                    f"stored without token sequences (a cache keeps one choice for all its posters); "
-                                    f"embed with tokens into a new cache")
+    if tokens and decided and not stored:
+        which = (f"the {cache.num_posters} posters of the cache {cache.root} are" if has_posters
+                 else f"the cache {cache.root} records that its posters are")
+        raise ConfigError("tokens", f"is set, but {which} stored without token sequences (a cache keeps one "
+                                    f"choice for all its posters); embed with tokens into a new cache")
     if not tokens and stored:
         raise ConfigError("tokens", f"is off, but the cache {cache.root} stores a token sequence for each of its "
                                     f"posters; leave it unset (the cache's choice is kept)")
     return tokens
+
+
+def record_tokens(cache: EmbeddingCache, tokens: bool) -> None:
+    """Record the run's token choice in a writable cache that records none yet (format 2 only)."""
+    record = getattr(cache, "record_tokens", None)
+    if record is not None and cache.writable and getattr(cache, "stores_tokens", None) is None:
+        record(tokens)
 
 
 class _LazyBackbone:
@@ -272,6 +286,8 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size!r}")
     check_decode(decode)
     tokens = resolve_tokens(cache, tokens)
+    if tokens and backbone is not None and hasattr(backbone, "encode_image_tensors"):
+        backbone.token_shape  # a tower without token sequences is refused before any file is read
     get_backbone = _LazyBackbone(backbone, cache)
     started = time.perf_counter()
     # Pass 1: content hashes; what the cache holds costs nothing more.
@@ -287,6 +303,9 @@ def embed_records(records: Sequence[PosterRecord], cache: EmbeddingCache, backbo
     import torch
 
     model = get_backbone()
+    if tokens:
+        model.token_shape  # refused in one line for a tower without token sequences
+    record_tokens(cache, tokens)  # before the first shard: a run killed before it keeps the choice
     workers = default_workers(model) if workers is None else max(0, workers)
     load = make_loader(model, max_pixels, max_bytes)
     decoder, decoded = None, _decoded(todo, load, workers, batch_size)

@@ -24,7 +24,7 @@ import numpy as np
 
 from clipposter.embedding import shard_files as sf
 from clipposter.embedding.cache_types import (DTYPES, MODES, CacheInfo, RecordSummary, cached_text_embeddings,
-                                              read_meta, text_hash, write_meta)
+                                              read_meta, record_meta, text_hash, write_meta)
 from clipposter.embedding.identity import BackboneIdentity
 from clipposter.embedding.shard_rows import ShardedRows, ShardRecords, gather
 from clipposter.errors import ClipposterError, ConfigError
@@ -58,6 +58,8 @@ class ShardedCache:
         self.identity, self.dtype, self.backbone_spec, self.mode = identity, dtype, backbone_spec, mode
         self.dim = identity.embed_dim
         self._np_dtype = np.dtype(DTYPES[dtype])
+        meta = read_meta(self.root)
+        self._token_choice = meta.tokens if meta is not None else None
         if self.writable:
             sf.remove_unlisted(self.root)  # what a killed writer left (a live writer's shard is kept)
         self._load()
@@ -323,6 +325,25 @@ class ShardedCache:
     @property
     def has_some_tokens(self) -> bool:
         return any(s.entry.tokens for s in self._shards)
+
+    @property
+    def stores_tokens(self) -> bool | None:
+        """Whether this cache stores a token sequence for each poster, as its cache.json records (the
+        first run that encodes a poster records it); None where nothing is recorded yet."""
+        return self._token_choice
+
+    def record_tokens(self, tokens: bool) -> None:
+        """Record in cache.json, once, whether this cache stores token sequences, so that a run killed
+        before its first shard leaves the choice for the next one. Another choice already recorded is
+        refused."""
+        self.require_writable("record its token choice")
+        if self._token_choice is None:
+            with sf.index_lock(self.root):
+                self._token_choice = bool(record_meta(self.root, "tokens", bool(tokens)))
+        if self._token_choice != bool(tokens):
+            raise ConfigError("tokens", f"is {'set' if tokens else 'off'}, but the cache {self.root} records that "
+                                        f"its posters are stored {'with' if self._token_choice else 'without'} "
+                                        f"token sequences; embed into a new cache")
 
     def tokens_for_ids(self, ids: Sequence[str]) -> np.ndarray:
         """Token sequences of the given poster ids, (len(ids), T, W), in the stored dtype."""

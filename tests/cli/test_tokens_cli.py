@@ -121,3 +121,43 @@ def test_embed_tokens_reaches_the_ray_engine(capsys, tmp_path, tiny_checkpoint, 
     assert seen == [True] and "tokens: 65 × 64 float16 per poster" in err
     with EmbeddingCache.open(tmp_path / "c", mode="r") as cache:
         assert cache.token_shape == (65, 64) and cache.num_posters == 4
+
+
+def test_the_size_comes_before_any_poster_is_read_and_a_full_disk_is_warned_of(capsys, tmp_path, tiny_checkpoint,
+                                                                                 monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    generate_posters(tmp_path / "six", n=6, seed=4)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 20_000, 20_000))
+    code, _, err = run_cli(capsys, "embed", tmp_path / "six" / "manifest.csv", "--cache", tmp_path / "c", "--tokens",
+                           "--no-texts", *tiny_args(tiny_checkpoint))
+    assert code == 0, err
+    size = err.index("tokens: 65 × 64 float16 per poster (8.1 KB); the 6 posters of")
+    warning = err.index("warning: the token sequences of 6 posters may need 48.8 KB, more than the 19.5 KB free under")
+    assert size < warning < err.index("embedding")  # both before the first poster is encoded
+    with EmbeddingCache.open(tmp_path / "c", mode="r") as cache:
+        assert cache.num_posters == 6 and cache.token_shape == (65, 64)
+
+
+def test_refusals_leave_the_cache_as_it_was(capsys, tmp_path, tiny_checkpoint):
+    generate_posters(tmp_path / "five", n=5, seed=3)
+    manifest = tmp_path / "five" / "manifest.csv"
+    code, _, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "p", "--no-texts",
+                           *tiny_args(tiny_checkpoint))
+    assert code == 0, err
+
+    def state(root):
+        return {p.relative_to(root): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+
+    before = state(tmp_path / "p")
+    code, _, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "p", "--tokens", "--no-texts")
+    assert code == 2 and "--tokens is set" in err
+    assert state(tmp_path / "p") == before
+    # A backbone without a ViT token sequence is refused before a new cache is made.
+    code, _, err = run_cli(capsys, "embed", manifest, "--cache", tmp_path / "rn", "--tokens", "--no-texts",
+                           "--backbone", "RN50", "--pretrained", "random")
+    assert code == 2 and "has no ViT token sequence" in err and err.count("\n") == 1
+    assert not (tmp_path / "rn").exists()

@@ -6,7 +6,7 @@ import torch
 
 from clipposter.embedding.cache import EmbeddingCache
 from clipposter.embedding.embed import embed_records, make_loader, resolve_posters, resolve_tokens
-from clipposter.errors import ConfigError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.records import PosterRecord
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -109,3 +109,73 @@ def test_token_sequences_are_written_before_they_pass_the_memory_limit(tmp_path,
     plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
     embed_records(copies(records, 0, 12), plain, tiny_backbone, batch_size=4, progress=False)
     assert len([e for e in sf.read_index(plain.root) if e.posters]) == 1
+
+
+def test_the_first_run_records_the_choice_so_a_run_killed_before_its_first_shard_keeps_it(
+        tmp_path, tiny_backbone, synthetic_set, monkeypatch):
+    _, records = synthetic_set
+    cache = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity)
+    assert cache.stores_tokens is None
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies while encoding, long before its first shard is written
+
+    monkeypatch.setattr(tiny_backbone, "encode_image_tokens", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed_records(copies(records, 0, 4), cache, tiny_backbone, progress=False, tokens=True)
+    monkeypatch.undo()
+    cache.close()
+    again = EmbeddingCache.open(tmp_path / "t")
+    assert again.num_posters == 0 and again.stores_tokens is True
+    with pytest.raises(ConfigError, match="is off, but the cache"):
+        embed_records(copies(records, 0, 4), again, tiny_backbone, progress=False, tokens=False)
+    summary = embed_records(copies(records, 0, 4), again, tiny_backbone, progress=False)  # follows the record
+    assert summary.tokens and again.token_shape == (65, 64)
+
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity)
+    embed_records(copies(records, 0, 2), plain, tiny_backbone, progress=False)
+    assert plain.stores_tokens is False
+    empty = EmbeddingCache.open(tmp_path / "e", tiny_backbone.identity)
+    empty.record_tokens(False)
+    with pytest.raises(ConfigError) as err:
+        embed_records(copies(records, 0, 2), empty, tiny_backbone, progress=False, tokens=True)
+    assert "records that its posters are stored without token sequences" in str(err.value)
+    with pytest.raises(ConfigError, match="records that its posters are stored without"):
+        empty.record_tokens(True)
+
+
+def test_a_cache_made_before_the_choice_was_recorded_follows_its_posters(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.shards import ShardedCache, create_meta
+
+    _, records = synthetic_set
+    create_meta(tmp_path / "old", tiny_backbone.identity, "float16", tiny_backbone.spec)
+    old = ShardedCache(tmp_path / "old", tiny_backbone.identity, "float16", tiny_backbone.spec)
+    pooled, seqs = reference(tiny_backbone, records[:3])
+    old.add_posters(["h0", "h1", "h2"], pooled, [(r, f"h{i}") for i, r in enumerate(copies(records, 0, 3))],
+                    tokens=seqs)
+    assert old.stores_tokens is None and resolve_tokens(old, None) is True
+    summary = embed_records(copies(records, 3, 5), old, tiny_backbone, progress=False)
+    assert summary.tokens and old.stores_tokens is True and old.token_shape == (65, 64)
+
+
+def test_a_tower_without_token_sequences_is_refused_before_any_file_is_read(tmp_path, tiny_backbone, synthetic_set):
+    from clipposter.embedding.backbone import Backbone
+
+    class NoTokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3, 64)
+
+    other = Backbone(NoTokens(), tiny_backbone.preprocess, None, tiny_backbone.identity, torch.device("cpu"))
+    cache = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity)
+    recs = copies(records_of(synthetic_set), 0, 3)
+    for r in recs:
+        r.image = str(tmp_path / "missing.jpg")  # read before the refusal, it would stop the strict run first
+    with pytest.raises(ClipposterError, match="no ViT token sequence") as err:
+        embed_records(recs, cache, other, progress=False, tokens=True, strict=True)
+    assert "\n" not in str(err.value)
+    assert cache.num_records == 0 and cache.stores_tokens is None
+
+
+def records_of(synthetic_set):
+    return synthetic_set[1]
