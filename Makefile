@@ -61,8 +61,8 @@ MUTANTS ?= 'clipposter.heads.genre.head.xǁGenreHeadǁpredict__mutmut_*' 'clippo
 	'clipposter.heads.caption.decoding.x_postprocess*' 'clipposter.heads.caption.decoding.xǁWordScheduledTopNǁ__call__*' \
 	'clipposter.embedding.cache_matrix.xǁMatrixǁcheck*' 'clipposter.embedding.cache_matrix.xǁMatrixǁrepair*' \
 	'clipposter.embedding.cache_matrix.xǁMatrixǁappend*' 'clipposter.embedding.cache_matrix.xǁMatrixǁset_header*' \
-	'clipposter.embedding.cache.xǁEmbeddingCacheǁ_commit*' 'clipposter.embedding.cache.xǁEmbeddingCacheǁadd_posters*' \
-	'clipposter.embedding.cache.xǁEmbeddingCacheǁtext_embeddings*' \
+	'clipposter.embedding.cache_v1.xǁV1Cacheǁ_commit*' 'clipposter.embedding.cache_v1.xǁV1Cacheǁadd_posters*' \
+	'clipposter.embedding.cache_types.x_cached_text_embeddings*' \
 	'clipposter.ingest.sources.x__is_missing*' 'clipposter.ingest.sources.x__text*' 'clipposter.ingest.sources.x__id_text*' \
 	'clipposter.ingest.sources.x__genres*' 'clipposter.ingest.sources.x__stem_of*' 'clipposter.ingest.sources.x__is_url*' \
 	'clipposter.ingest.sources.x__find_column*' 'clipposter.ingest.sources.x_normalise_split*' 'clipposter.ingest.sources.x_imdb_id*' \

@@ -136,7 +136,7 @@ def embedding_stage(args, cfg, records, work: Path, device: str) -> tuple[dict, 
             runs[decode].append(bench_embed(backbone, records, work / "caches" / f"{decode}-{r}", bs, workers,
                                             decode))
     # One run that also stores every poster's token sequence (embed --tokens: ViT-B-32 50 × 512 fp16,
-    # 51 KB a poster written to the cache's shards).
+    # 50 KB a poster written to the cache's shards).
     with_tokens = bench_embed(backbone, records, work / "caches" / "gpu-tokens", bs, workers, "gpu", tokens=True)
     model = bench_model(backbone, records, bs, seconds=0.5 if args.quick else 3.0)
 
@@ -259,7 +259,8 @@ def table(result: dict) -> str:
          f"{e['gpu_over_cpu_decode']:.2f} × CPU decode, {e['gpu_decode_over_model']:.2f} × model; end to end "
          f"{e['gpu_decode_end_to_end']:,.0f}/s; {e['gpu_decode_fallbacks']} fallbacks; target 5,000"),
         ("embedding: GPU decode + tokens", f"{e['gpu_decode_tokens_posters_per_second']:,.0f} posters/s",
-         f"embed --tokens (one run): {e['tokens_over_pooled']:.2f} × the pooled cache's rate"),
+         f"embed --tokens (one run): {e['tokens_over_pooled']:.2f} × the pooled cache's rate")
+        if "tokens_over_pooled" in e else None,  # absent from results written before the row existed
         ("genre head training", f"{g['seconds_per_epoch']:.2f} s/epoch",
          f"{g['posters']:,} × {g['dim']}, {g['genres']} genres, batch 256, CPU ({g['torch_threads']} threads)"),
         ("caption training", f"{c['tokens_per_second']:,.0f} tokens/s",
@@ -267,6 +268,7 @@ def table(result: dict) -> str:
         ("tagline generation", f"{t['taglines_per_second']:,.1f} taglines/s",
          f"{t['posters']} posters in one batch, {t['beams']} beams, {t['new_tokens']} new tokens"),
     ]
+    rows = [r for r in rows if r is not None]
     head = (f"{result['gpu']} · {e['posters']:,} posters of {e['poster_size']} · weights: {e['weights']} · "
             f"{result['seconds_total']:.0f} s in all")
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
