@@ -100,6 +100,12 @@ class PosterAnalyzer:
         self._pretrained = pretrained
         self._device = device
         self._lock = threading.RLock()
+        # A genre head that attends over patches reads token sequences: the cache must store them.
+        self._genre_tokens = getattr(genre_head, "memory", "pooled") == "tokens"
+        if self._genre_tokens:
+            from clipposter.heads.genre.data import require_tokens
+
+            require_tokens(cache)
         self._records = {r.id: r for r in cache.records()}
 
     # ----- opening -------------------------------------------------------------------------------
@@ -196,9 +202,11 @@ class PosterAnalyzer:
             self.record(i)
         with self._lock:
             vectors = self.cache.embeddings_for_ids(ids)
+            genre_inputs = self.cache.tokens_for_ids(ids) if self._genre_tokens else vectors
             return self._analyze(vectors, [[i] for i in ids], [self._records[i] for i in ids],
                                  [self._records[i].image for i in ids], ["cache"] * len(ids),
-                                 strategy=strategy, num_return=num_return, k=k, seed=seed, threshold=threshold)
+                                 strategy=strategy, num_return=num_return, k=k, seed=seed, threshold=threshold,
+                                 genre_inputs=genre_inputs)
 
     def analyze_files(self, paths: Sequence[str | os.PathLike], *, strategy: str = "lstm", num_return: int = 1,
                       k: int = 5, seed: int = 0, threshold: str | float | None = None) -> list[PosterAnalysis]:
@@ -210,14 +218,16 @@ class PosterAnalyzer:
 
         paths = [str(p) for p in paths]
         with self._lock:
-            resolved = resolve_posters(paths, cache=self.cache, backbone=lambda: self.backbone)
+            resolved = resolve_posters(paths, cache=self.cache, backbone=lambda: self.backbone,
+                                       tokens=self._genre_tokens)
             for poster, reason in resolved.failed:
                 raise ClipposterError(f"{poster}: {reason}; upload a JPEG, PNG or WebP poster")
             # ids sharing each file's content: its neighbours leave them out, and it takes their record
             same = [self.index.ids_at(p.row) if p.row is not None else [] for p in resolved]
             records = [self._records.get(s[0]) if s else None for s in same]
             return self._analyze(resolved.embeddings(), same, records, paths, [p.source for p in resolved],
-                                 strategy=strategy, num_return=num_return, k=k, seed=seed, threshold=threshold)
+                                 strategy=strategy, num_return=num_return, k=k, seed=seed, threshold=threshold,
+                                 genre_inputs=resolved.token_sequences() if self._genre_tokens else None)
 
     def search_text(self, text: str, k: int = 8, **filters) -> list:
         """Posters that best match a free text, through the backbone's CLIP text encoder."""
@@ -226,7 +236,8 @@ class PosterAnalyzer:
 
     def _analyze(self, vectors: np.ndarray, exclude: list[list[str]], records: list[PosterRecord | None],
                  images: list[str | None], sources: list[str], *, strategy: str, num_return: int, k: int,
-                 seed: int, threshold) -> list[PosterAnalysis]:
+                 seed: int, threshold, genre_inputs: np.ndarray | None = None) -> list[PosterAnalysis]:
+        """`genre_inputs`: what the genre head reads (token sequences for a token-memory head); None: `vectors`."""
         from clipposter.heads.caption.decoding import decoding_preset
 
         if not len(vectors):
@@ -234,7 +245,7 @@ class PosterAnalyzer:
         if k < 0:
             raise ClipposterError(f"k must be zero or more, got {k}")
         decoding = decoding_preset(strategy, num_return=num_return, seed=seed)
-        probs = self.genre_head.predict_proba(vectors)
+        probs = self.genre_head.predict_proba(vectors if genre_inputs is None else genre_inputs)
         named = self.genre_head.describe_predictions([str(i) for i in images], probs, sources, threshold)
         captions = self.caption_head.generate(vectors, decoding)
         hits = self.index.search(vectors, k, exclude=exclude) if k else [[] for _ in range(len(vectors))]

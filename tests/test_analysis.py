@@ -87,3 +87,39 @@ def test_cached_uploads_never_load_the_backbone_and_bad_files_are_one_line(analy
     with pytest.raises(ClipposterError, match=r"upload\.png: empty file .*; upload a JPEG, PNG or WebP poster"):
         a.analyze_files([records[5].image, bad])
     assert a._backbone is None
+
+
+class StandInTokenGenreHead(StandInGenreHead):
+    memory = "tokens"
+
+
+def test_a_token_genre_head_is_given_token_sequences_from_the_cache_or_the_file(tmp_path, synthetic_set,
+                                                                                tiny_backbone):
+    from clipposter.errors import ConfigError
+
+    _, records = synthetic_set
+    cache = EmbeddingCache.open(tmp_path / "t", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records([PosterRecord.from_dict(r.to_dict()) for r in records[:6]], cache, tiny_backbone,
+                  progress=False, tokens=True)
+    head = StandInTokenGenreHead()
+    a = PosterAnalyzer(cache, head, StandInCaptionHead(), PosterIndex.build(cache, kind="exact", progress=False),
+                       backbone=tiny_backbone)
+    a.analyze_ids([records[1].id, records[4].id], k=0)
+    np.testing.assert_array_equal(head.seen, cache.tokens_for_ids([records[1].id, records[4].id]))
+    # a cached file and a new one: the cache's tokens, and the new file's encoded ones
+    result = a.analyze_files([records[2].image, records[7].image], k=0)
+    assert [r.source for r in result] == ["cache", "encoded"]
+    assert head.seen.shape == (2, 65, 64)
+    np.testing.assert_allclose(head.seen[0], cache.tokens_for_ids([records[2].id])[0].astype(np.float32))
+    load = make_loader(tiny_backbone)
+    import torch
+
+    _, ref = tiny_backbone.encode_image_tokens(torch.stack([load(records[7].image)]))
+    np.testing.assert_allclose(head.seen[1], ref[0], atol=1e-5)
+    # On a cache without token sequences the analyzer refuses at once, in one line naming the memory.
+    plain = EmbeddingCache.open(tmp_path / "p", tiny_backbone.identity, backbone_spec=tiny_backbone.spec)
+    embed_records([PosterRecord.from_dict(r.to_dict()) for r in records[:3]], plain, tiny_backbone, progress=False)
+    with pytest.raises(ConfigError) as err:
+        PosterAnalyzer(plain, StandInTokenGenreHead(), StandInCaptionHead(),
+                       PosterIndex.build(plain, kind="exact", progress=False))
+    assert err.value.field == "memory" and "\n" not in str(err.value)

@@ -119,8 +119,16 @@ def predicted_genres(cache, index, head_dir: str, chunk: int = 65_536):
 
     head = GenreHead.from_pretrained(head_dir, identity=cache.identity)
     matrix = cache.image_matrix()
-    # float16 rows converted a block at a time: a million posters never become one float32 copy
     parts = [np.zeros((0, len(head.genres)), np.float32)]
+    if head.memory == "tokens":  # a head that attends over patches reads the cache's token sequences
+        from clipposter.heads.genre.data import require_tokens
+
+        t, _ = require_tokens(cache)
+        step = max(1, chunk // t)  # as many numbers per block as the pooled path reads
+        for i in range(0, index.ntotal, step):
+            parts.append(head.predict_proba(cache.tokens_for_rows(np.arange(i, min(i + step, index.ntotal)))))
+        return GenrePredictions(np.concatenate(parts), head.genres, head.thresholds_for())
+    # float16 rows converted a block at a time: a million posters never become one float32 copy
     for i in range(0, index.ntotal, chunk):
         parts.append(head.predict_proba(np.asarray(matrix[i:min(i + chunk, index.ntotal)], dtype=np.float32)))
     probs = np.concatenate(parts)

@@ -122,6 +122,10 @@ class GenreHead:
             x = x.astype(np.float32)  # float16 token sequences are widened batch by batch, in the module
         if x.ndim not in (2, 3):
             raise ClipposterError(f"embeddings must be (N, D) or (N, T, D), got shape {x.shape}")
+        if x.ndim == 2 and self.memory == "tokens":  # it would read each as a one-token sequence: wrong, silently
+            raise ClipposterError(f"this genre head attends over ViT token sequences (memory 'tokens') but was given "
+                                  f"one pooled embedding per poster, shape {x.shape}; give it (N, T, D) token "
+                                  f"sequences, from a cache embedded with tokens")
         if x.shape[-1] != self.identity.embed_dim:
             raise ClipposterError(f"embeddings of width {x.shape[-1]} given to a head trained on width "
                                   f"{self.identity.embed_dim} ({self.identity.describe()})")

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from clipposter.embedding.shards import ShardedCache, create_meta
-from clipposter.errors import ConfigError
+from clipposter.errors import ClipposterError, ConfigError
 from clipposter.heads.genre.data import memory_inputs
 from clipposter.heads.genre.evaluation import evaluate_genres
 from clipposter.heads.genre.head import GenreHead
@@ -105,3 +105,24 @@ def test_tokens_on_a_cache_without_them_is_one_line_naming_memory(tmp_path, tiny
     assert "with their token sequences into a new cache" in str(err.value)
     with pytest.raises(ConfigError, match="memory 'tokens' is a memory of the ML-Decoder"):
         train_genre_head(cache, kind="linear-probe", architecture={"memory": "tokens"}, progress=False)
+
+
+def test_a_token_head_refuses_pooled_embeddings_instead_of_reading_them_as_one_token(region_cache, trained):
+    head = trained["tokens", 0].head
+    ids = trained["tokens", 0].data.splits["test"].ids[:4]
+    with pytest.raises(ClipposterError) as err:
+        head.predict_proba(region_cache.embeddings_for_ids(ids))
+    assert "attends over ViT token sequences" in str(err.value) and "\n" not in str(err.value)
+    assert head.predict_proba(region_cache.tokens_for_ids(ids)).shape == (4, len(head.genres))
+
+
+def test_search_filters_on_a_token_heads_predictions_from_the_caches_tokens(region_cache, trained, tmp_path):
+    from clipposter.cli.search import predicted_genres
+    from clipposter.search.index import PosterIndex
+
+    head = trained["tokens", 0].head
+    head.save_pretrained(tmp_path / "head")
+    index = PosterIndex.build(region_cache, kind="exact", progress=False)
+    got = predicted_genres(region_cache, index, str(tmp_path / "head"), chunk=130)  # blocks of 2 posters
+    expected = head.predict_proba(region_cache.tokens_for_rows(np.arange(index.ntotal)))
+    np.testing.assert_allclose(got.probs, expected, atol=1e-6)
