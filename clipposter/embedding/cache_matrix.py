@@ -17,6 +17,7 @@ is changed, so the user can still restore the right files.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -163,11 +164,9 @@ class Matrix:
 
     def cut(self, rows: int) -> None:
         """Best effort: drop bytes past `rows` rows (written by an append that was not committed)."""
-        try:
+        with contextlib.suppress(OSError):  # if it fails, the next writer's open cuts them
             with open(self.path, "r+b") as f:
                 f.truncate(HEADER_BYTES + rows * self.row_bytes)
-        except OSError:
-            pass  # left for the next writer's open to cut
 
     def set_header(self, rows: int) -> None:
         with open(self.path, "r+b") as f:

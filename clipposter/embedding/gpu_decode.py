@@ -25,6 +25,7 @@ is light.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
@@ -280,10 +281,9 @@ class TensorDecoder:
 
         device = self.preprocess.device
         raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in items]
-        try:
+        # One bad file fails the whole batch: then retry one by one, so that only that one falls back.
+        with contextlib.suppress(RuntimeError):
             return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            pass  # one bad file fails the whole batch: retry one by one, so only that one falls back
         out = []
         for (path, data), tensor in zip(items, raw):
             try:

@@ -10,6 +10,7 @@ fields than the header is an error naming its line: pandas would otherwise shift
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import os
@@ -80,15 +81,12 @@ def decode_text(data: bytes, path: str | os.PathLike, encoding: str | None = Non
     if b"\x00" in data[:4096]:
         raise ClipposterError(f"{path}: holds NUL bytes, as UTF-16 or UTF-32 text without a byte-order mark "
                               f"does; pass its codec as `encoding` (utf-16-le, say)")
-    try:
+    with contextlib.suppress(UnicodeDecodeError):  # not UTF-8: cp1252, else Latin-1 (which decodes any bytes)
         return data.decode("utf-8"), None
-    except UnicodeDecodeError:
-        pass
     if _CP1252_ONLY.search(data):
-        try:
+        # one of the five bytes cp1252 leaves undefined means it is not cp1252 either
+        with contextlib.suppress(UnicodeDecodeError):
             return data.decode("cp1252"), "read as cp1252 (Windows) since it is not valid UTF-8"
-        except UnicodeDecodeError:  # one of the five bytes cp1252 leaves undefined: not cp1252
-            pass
     return data.decode("latin-1"), "read as Latin-1 since it is not valid UTF-8"
 
 

@@ -33,3 +33,32 @@ def test_chunks_cover_exactly_the_rows_asked_for_in_the_stored_dtype(tmp_path, c
     assert starts == list(range(start, end, chunk))
     got = np.concatenate(parts) if parts else np.zeros((0, 8), np.float16)
     np.testing.assert_array_equal(got, whole[start:end])
+
+
+def test_a_failed_append_whose_cut_also_fails_still_reports_the_full_disk_in_one_line(tmp_path, monkeypatch):
+    """A full disk fails the append; cutting the partial rows may then fail too (the disk is still full).
+    The user gets the append's one-line error, and the next writer's open cuts the tail."""
+    import builtins
+    import errno
+
+    import numpy as np
+
+    from clipposter.embedding.cache_matrix import Matrix
+    from clipposter.errors import ClipposterError
+
+    m = Matrix(tmp_path, "images.npy", 4, np.float16)
+    m.create()
+    m.append(0, np.ones((2, 4), np.float16))
+    real_open = builtins.open
+
+    def full(path, *args, **kwargs):
+        if str(path) == str(m.path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(ClipposterError) as err:
+        m.append(2, np.ones((3, 4), np.float16))
+    monkeypatch.undo()
+    assert str(err.value).startswith(f"disk full while writing {tmp_path}: images.npy")
+    assert "the cache keeps its 2 committed rows" in str(err.value) and "\n" not in str(err.value)

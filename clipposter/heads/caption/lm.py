@@ -117,15 +117,15 @@ def _gguf_model(path: Path):
     """The causal LM in a GGUF file, dequantised to a plain float32 model: trainable, and saved by
     `save_pretrained` as a normal folder (a model kept in GGUF blocks can do neither)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     kw: dict = {"dtype": torch.float32}
-    try:
-        from transformers import GgufConfig  # transformers >= 5 keeps GGUF blocks unless told otherwise
-    except ImportError:
-        pass  # an older transformers dequantises GGUF files on load by itself: nothing to ask for
-    else:
-        kw["quantization_config"] = GgufConfig(dequantize=True)
+    # transformers >= 5 keeps GGUF blocks unless told to dequantise; an older one (without GgufConfig)
+    # dequantises GGUF files on load by itself.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:
+        kw["quantization_config"] = gguf_config(dequantize=True)
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True, **kw)
 
 
