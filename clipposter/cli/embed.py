@@ -82,7 +82,7 @@ def token_estimate(cache, backbone, posters: int, source: str) -> dict:
     if shape is None:  # a new (or empty) cache: the backbone's, loaded now (it encodes every poster anyway)
         shape = (backbone if hasattr(backbone, "token_shape") else backbone()).token_shape
     t, w = shape
-    per_poster = t * w * (2 if cache.dtype == "float16" else 4)
+    per_poster = token_bytes(cache, (t, w))
     at_most = per_poster * posters
     free = shutil.disk_usage(cache.root).free
     print(f"tokens: {t} × {w} {cache.dtype} per poster ({human_bytes(per_poster)}); the {posters} posters of "
@@ -154,6 +154,13 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def token_bytes(cache, shape: tuple[int, int]) -> int:
+    """Bytes of one poster's token sequence of `shape` in the cache's stored type."""
+    import numpy as np
+
+    return shape[0] * shape[1] * np.dtype(cache.dtype).itemsize
+
+
 def token_line(cache, posters: int) -> tuple[dict | None, str]:
     """The token sequences a cache stores, for `cache info`: (JSON, text)."""
     shape = getattr(cache, "token_shape", None)
@@ -162,7 +169,7 @@ def token_line(cache, posters: int) -> tuple[dict | None, str]:
         return None, ("for some posters only (a head reading tokens cannot use this cache)" if some
                       else "none (one pooled embedding per poster; `embed --tokens` stores them)")
     t, w = shape
-    per_poster = t * w * (2 if cache.dtype == "float16" else 4)
+    per_poster = token_bytes(cache, (t, w))
     return ({"shape": [t, w], "bytes_per_poster": per_poster, "bytes": per_poster * posters},
             f"{t} × {w} per poster ({human_bytes(per_poster)}), {human_bytes(per_poster * posters)} in all")
 
